@@ -1,0 +1,40 @@
+# The two entry points: `make demo` and `make test`. Both install everything first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Pinned so pip takes the wheels that lie on local disk (see README, "Installing torch").
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[worker,dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/backdrop demo
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	$(PY) bench/refine_error.py
+	$(PY) bench/composite_speed.py
+	$(PY) bench/model_speed.py
+
+clean:
+	rm -rf .backdrop demo-output .pytest_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""The error hierarchy: every failure a job can end with has one code from the SPEC.
+
+Permanent errors are the caller's (bad input): retrying cannot help, so a job fails at once.
+Transient errors are the infrastructure's: the worker retries them with backoff and reports
+the code only once the retries are spent.
+"""
+
+
+class BackdropError(Exception):
+    """Base class; `code` is what lands in the job record and on the CLI's stderr."""
+
+    code = "internal"
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class PermanentError(BackdropError):
+    """Bad input or a refused request: fail the job now, never retry."""
+
+
+class InvalidRequest(PermanentError):
+    code = "invalid_request"
+
+
+class InputNotFound(PermanentError):
+    code = "input_not_found"
+
+
+class BackgroundNotFound(PermanentError):
+    code = "background_not_found"
+
+
+class InvalidImage(PermanentError):
+    code = "invalid_image"
+
+
+class InputTooLarge(PermanentError):
+    code = "input_too_large"
+
+
+class UnsupportedFormat(PermanentError):
+    code = "unsupported_format"
+
+
+class AccessDenied(PermanentError):
+    code = "access_denied"
+
+
+class NoSubject(PermanentError):
+    code = "no_subject"
+
+
+class JobNotFound(PermanentError):
+    code = "job_not_found"
+
+
+class InvalidTransition(PermanentError):
+    """A status change the state machine forbids (e.g. canceling a running job)."""
+
+    code = "invalid_transition"
+
+
+class WeightsUnavailable(PermanentError):
+    """No model weights could be found or downloaded: an operator must act."""
+
+    code = "weights_unavailable"
+
+
+class TransientError(BackdropError):
+    """The infrastructure failed; the same job may well succeed on a later attempt."""
+
+    retryable = True
+
+
+class StorageUnavailable(TransientError):
+    code = "storage_unavailable"
+
+
+class DatabaseUnavailable(TransientError):
+    code = "database_unavailable"
+
+
+class WorkerLost(PermanentError):
+    """The job's worker died on it too many times (a poison photo)."""
+
+    code = "worker_lost"

@@ -1,0 +1,77 @@
+"""One typed settings object, read from the environment once per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ModelName = Literal["deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large"]
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BACKDROP_", extra="ignore")
+
+    # Where the embedded default keeps its SQLite file, broker folders and local storage.
+    data_dir: Path = Path(".backdrop")
+
+    database_url: str = ""
+    broker_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    output_prefix: str = ""
+    allowed_buckets: CommaList = Field(default_factory=list)
+    local_roots: CommaList = Field(default_factory=list)
+
+    model: ModelName = "deeplabv3_resnet101"
+    weights: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: int = Field(default=20, ge=0, le=10_000)
+    # Letterbox side the model sees; 520 is torchvision's evaluation size for these weights.
+    model_input_size: int = Field(default=520, ge=64, le=2048)
+
+    max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=100_000_000, ge=1)
+
+    api_tokens: CommaList = Field(default_factory=list)
+
+    # Longest a job may run before the broker hands its message to another worker.
+    visibility_timeout_s: int = Field(default=3600, ge=60)
+    max_attempts: int = Field(default=5, ge=1)
+
+    @field_validator("allowed_buckets", "local_roots", "api_tokens", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def model_post_init(self, __context: object) -> None:
+        data = self.data_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'backdrop.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.output_prefix:
+            self.output_prefix = (data / "outputs").as_uri()
+        if not self.local_roots:
+            self.local_roots = [str(data)]
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir.resolve() / "broker"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Backdrop worker side: image I/O, segmentation, mask refinement, compositing, Celery tasks."""
