@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     output_prefix: str = ""
+    # Where `backdrop submit LOCAL_FILE` uploads a plain local file before queueing it.
+    input_prefix: str = ""
     allowed_buckets: CommaList = Field(default_factory=list)
     local_roots: CommaList = Field(default_factory=list)
 
@@ -60,6 +62,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if not self.output_prefix:
             self.output_prefix = (data / "outputs").as_uri()
+        if not self.input_prefix:
+            self.input_prefix = (data / "inputs").as_uri()
         if not self.local_roots:
             self.local_roots = [str(data)]
 
