@@ -65,7 +65,9 @@ def _check_location(value: str | None, field: str) -> str | None:
 
 
 class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_enum_values=True, validate_default=True
+    )
 
     input: str
     effect: Effect = Effect.REMOVE
@@ -137,6 +139,7 @@ class JobRequest(BaseModel):
     def params(self) -> dict[str, Any]:
         """What shapes the output besides input and effect: stored with the job record."""
         return self.model_dump(
+            mode="json",
             exclude={"input", "output", "mask_output", "effect", "idempotency_key", "queue"}
         )
 
