@@ -120,7 +120,8 @@ class JobRequest(BaseModel):
                 raise ValueError("background for 'remove' must be #RRGGBB or 'transparent'")
             if background == "transparent" and self.format == OutputFormat.JPEG:
                 raise ValueError("format 'jpeg' cannot hold a transparent background")
-            object.__setattr__(self, "background", background.upper() if background[0] == "#" else background)
+            normalised = background.upper() if background.startswith("#") else background
+            object.__setattr__(self, "background", normalised)
         elif self.background is not None:
             raise ValueError(f"effect {self.effect!r} takes no background")
         if self.output is not None and self.output == self.input:
@@ -140,7 +141,7 @@ class JobRequest(BaseModel):
         """What shapes the output besides input and effect: stored with the job record."""
         return self.model_dump(
             mode="json",
-            exclude={"input", "output", "mask_output", "effect", "idempotency_key", "queue"}
+            exclude={"input", "output", "mask_output", "effect", "idempotency_key", "queue"},
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,64 @@ def photo_paths() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def photo_bytes(photo_paths: dict[str, Path]) -> dict[str, bytes]:
     return {name: path.read_bytes() for name, path in photo_paths.items()}
+
+
+# --- databases ---------------------------------------------------------------------------
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _postgres_reachable() -> bool:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
+    from sqlalchemy import create_engine, text
+
+    from producer.db import upgrade
+
+    require_service("PostgreSQL", _postgres_reachable(), "127.0.0.1:5432")
+    name = f"backdrop_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade(url)
+    yield url
+    from producer.db import get_engine
+
+    get_engine(url).dispose()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each job-store test runs on both databases; PostgreSQL tables are emptied per test."""
+    if request.param == "sqlite":
+        from producer.db import upgrade
+
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    from sqlalchemy import text
+
+    from producer.db import get_engine
+
+    with get_engine(url).begin() as connection:
+        connection.execute(text("TRUNCATE jobs"))

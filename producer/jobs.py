@@ -1,0 +1,253 @@
+"""Job creation and every status change.
+
+Each transition is one conditional UPDATE guarded by the statuses it may leave from (and, for
+a running job, by the attempt that owns it), so a duplicate or late message can never move a
+finished job backwards or let a stale attempt overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from producer.errors import InvalidTransition, JobNotFound
+from producer.models import Job, JobStatus
+from producer.request import JobRequest
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+INSERT_CHUNK = 2000
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_output(output_prefix: str, job_id: str, fmt: str) -> str:
+    return f"{output_prefix.rstrip('/')}/{job_id}.{EXTENSIONS[fmt]}"
+
+
+def _row(request: JobRequest, output_prefix: str, created_at: datetime) -> dict[str, Any]:
+    job_id = str(uuid.uuid4())
+    return {
+        "id": job_id,
+        "status": JobStatus.QUEUED.value,
+        "queue": request.queue,
+        "input": request.input,
+        "output": request.output or default_output(output_prefix, job_id, request.format),
+        "mask_output": request.mask_output,
+        "effect": request.effect,
+        "params": request.params(),
+        "idempotency_key": request.idempotency_key,
+        "attempts": 0,
+        "created_at": created_at,
+    }
+
+
+@dataclass(frozen=True)
+class Created:
+    job: Job
+    new: bool  # False when an idempotency key matched an existing job: nothing to enqueue
+
+
+def create(session: Session, requests: Sequence[JobRequest], output_prefix: str) -> list[Created]:
+    """Insert jobs in one statement; an idempotency key already present yields the old job."""
+    if not requests:
+        return []
+    created_at = now()
+    rows = [_row(request, output_prefix, created_at) for request in requests]
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    inserted: set[str] = set()
+    # Chunked only to stay under SQLite's bound-parameter limit; PostgreSQL takes it in one go.
+    for start_at in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start_at : start_at + INSERT_CHUNK]
+        statement = (
+            insert(Job)
+            .values(chunk)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(Job.id)
+        )
+        inserted.update(session.scalars(statement).all())
+    wanted_keys = [row["idempotency_key"] for row in rows if row["id"] not in inserted]
+    by_id = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(inserted)))}
+    by_key = {}
+    if wanted_keys:
+        by_key = {
+            job.idempotency_key: job
+            for job in session.scalars(select(Job).where(Job.idempotency_key.in_(wanted_keys)))
+        }
+    results = []
+    for row in rows:
+        if row["id"] in inserted:
+            results.append(Created(by_id[row["id"]], new=True))
+        else:
+            results.append(Created(by_key[row["idempotency_key"]], new=False))
+    return results
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return job
+
+
+def listing(
+    session: Session,
+    *,
+    status: str | None = None,
+    limit: int = 50,
+    before: tuple[datetime, str] | None = None,
+) -> list[Job]:
+    """Newest first; `before` is a (created_at, id) cursor for stable pagination."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == JobStatus(status).value)
+    if before is not None:
+        created_at, job_id = before
+        query = query.where(
+            (Job.created_at < created_at) | ((Job.created_at == created_at) & (Job.id < job_id))
+        )
+    return list(session.scalars(query))
+
+
+def _guarded(session: Session, job_id: str, allowed: Sequence[JobStatus], **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def start(session: Session, job_id: str, worker: str) -> Job | None:
+    """queued → running (or a redelivered running job again): returns None when the job is
+    final or gone, telling the worker to drop the message."""
+    started = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=Job.attempts + 1,
+            started_at=now(),
+            worker=worker,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if started.rowcount != 1:
+        return None
+    session.expire_all()
+    return session.get(Job, job_id)
+
+
+def _owned(job_id: str, attempt: int) -> Any:
+    return (Job.id == job_id) & (Job.status == JobStatus.RUNNING.value) & (Job.attempts == attempt)
+
+
+def succeed(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    *,
+    model_name: str | None,
+    model_weights: str | None,
+    timings_ms: dict[str, float],
+    input_size: tuple[int, int],
+    foreground_fraction: float,
+) -> bool:
+    """running → succeeded, only for the attempt that owns the job."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            finished_at=now(),
+            model_name=model_name,
+            model_weights=model_weights,
+            timings_ms=timings_ms,
+            input_width=input_size[0],
+            input_height=input_size[1],
+            foreground_fraction=foreground_fraction,
+            error_code=None,
+            error_message=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def fail(
+    session: Session,
+    job_id: str,
+    attempt: int | None,
+    code: str,
+    message: str,
+    *,
+    timings_ms: dict[str, float] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> bool:
+    """running → failed (for the owning attempt), or queued → failed when `attempt` is None
+    (a job refused before any attempt could start, e.g. it kept killing workers)."""
+    guard = (
+        _owned(job_id, attempt)
+        if attempt is not None
+        else (Job.id == job_id) & Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+    )
+    values: dict[str, Any] = {
+        "status": JobStatus.FAILED.value,
+        "finished_at": now(),
+        "error_code": code,
+        "error_message": message[:2000],
+    }
+    if timings_ms is not None:
+        values["timings_ms"] = timings_ms
+    if input_size is not None:
+        values["input_width"], values["input_height"] = input_size
+    result = session.execute(
+        update(Job).where(guard).values(**values).execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def cancel(session: Session, job_id: str) -> Job:
+    """queued → canceled."""
+    if not _guarded(
+        session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELED.value, finished_at=now()
+    ):
+        job = get(session, job_id)
+        raise InvalidTransition(f"job {job_id} is {job.status}; only queued jobs can be canceled")
+    session.expire_all()
+    return get(session, job_id)
+
+
+def retry(session: Session, job_id: str) -> Job:
+    """failed → queued, with a fresh attempt budget."""
+    if not _guarded(
+        session,
+        job_id,
+        [JobStatus.FAILED],
+        status=JobStatus.QUEUED.value,
+        attempts=0,
+        error_code=None,
+        error_message=None,
+        started_at=None,
+        finished_at=None,
+        worker=None,
+    ):
+        job = get(session, job_id)
+        raise InvalidTransition(f"job {job_id} is {job.status}; only failed jobs can be retried")
+    session.expire_all()
+    return get(session, job_id)
+
+
+def failed_ids(session: Session, limit: int = 10_000) -> list[str]:
+    query = select(Job.id).where(Job.status == JobStatus.FAILED.value).limit(limit)
+    return list(session.scalars(query))

@@ -1,0 +1,162 @@
+"""The job store: creation, idempotency and guarded status changes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer import jobs
+from producer.db import session_scope
+from producer.errors import InvalidTransition, JobNotFound
+from producer.models import JobStatus
+from producer.request import JobRequest
+
+PREFIX = "s3://out/results"
+
+
+def _request(**fields: object) -> JobRequest:
+    return JobRequest(input="s3://in/photo.jpg", **fields)
+
+
+def _create(url: str, *requests: JobRequest) -> list[jobs.Created]:
+    with session_scope(url) as session:
+        return jobs.create(session, list(requests), PREFIX)
+
+
+def _start(url: str, job_id: str) -> int:
+    with session_scope(url) as session:
+        job = jobs.start(session, job_id, "worker-a")
+        assert job is not None
+        return job.attempts
+
+
+def _succeed(url: str, job_id: str, attempt: int) -> bool:
+    with session_scope(url) as session:
+        return jobs.succeed(
+            session,
+            job_id,
+            attempt,
+            model_name="deeplabv3_resnet101",
+            model_weights="w@sha256:abc",
+            timings_ms={"segment": 1.0},
+            input_size=(640, 480),
+            foreground_fraction=0.25,
+        )
+
+
+def _status(url: str, job_id: str) -> str:
+    with session_scope(url) as session:
+        return jobs.get(session, job_id).status
+
+
+def test_created_jobs_are_queued_with_a_default_output_under_the_prefix(db_url: str) -> None:
+    (created,) = _create(db_url, _request(format="webp"))
+    record = created.job.to_record()
+    assert created.new
+    assert record["status"] == "queued"
+    assert record["output"] == f"{PREFIX}/{record['id']}.webp"
+    assert record["params"]["format"] == "webp"
+    assert record["attempts"] == 0 and record["error"] is None
+
+
+def test_many_requests_become_many_jobs_in_order(db_url: str) -> None:
+    requests = [_request(output=f"s3://out/{i}.png") for i in range(2500)]
+    created = _create(db_url, *requests)
+    assert [c.job.output for c in created] == [f"s3://out/{i}.png" for i in range(2500)]
+    assert len({c.job.id for c in created}) == 2500
+
+
+def test_resubmitting_an_idempotency_key_returns_the_existing_job(db_url: str) -> None:
+    (first,) = _create(db_url, _request(idempotency_key="upload-42"))
+    second, other = _create(db_url, _request(idempotency_key="upload-42"), _request())
+    assert second.job.id == first.job.id and not second.new
+    assert other.new and other.job.id != first.job.id
+
+
+def test_a_job_runs_and_succeeds_with_a_complete_record(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    attempt = _start(db_url, created.job.id)
+    assert _succeed(db_url, created.job.id, attempt)
+    with session_scope(db_url) as session:
+        record = jobs.get(session, created.job.id).to_record()
+    assert record["status"] == "succeeded"
+    assert record["input_size"] == [640, 480]
+    assert record["model"] == {"name": "deeplabv3_resnet101", "weights": "w@sha256:abc"}
+    assert record["worker"] == "worker-a"
+    assert record["started_at"] and record["finished_at"]
+
+
+def test_a_finished_job_is_never_moved_back_by_a_late_delivery(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    attempt = _start(db_url, created.job.id)
+    assert _succeed(db_url, created.job.id, attempt)
+    with session_scope(db_url) as session:
+        assert jobs.start(session, created.job.id, "worker-b") is None
+        assert not jobs.fail(session, created.job.id, attempt, "internal", "late")
+    assert _status(db_url, created.job.id) == JobStatus.SUCCEEDED
+
+
+def test_a_stale_attempt_cannot_finish_a_job_a_newer_attempt_owns(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    stale = _start(db_url, created.job.id)
+    fresh = _start(db_url, created.job.id)  # redelivered after the first worker vanished
+    assert fresh == stale + 1
+    assert not _succeed(db_url, created.job.id, stale)
+    assert _succeed(db_url, created.job.id, fresh)
+
+
+def test_failing_records_the_error_code_and_message(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    attempt = _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        assert jobs.fail(session, created.job.id, attempt, "invalid_image", "truncated JPEG")
+        record = jobs.get(session, created.job.id).to_record()
+    assert record["status"] == "failed"
+    assert record["error"] == {"code": "invalid_image", "message": "truncated JPEG"}
+
+
+def test_a_failed_job_can_be_retried_and_then_succeed(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    attempt = _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        jobs.fail(session, created.job.id, attempt, "input_not_found", "missing")
+        retried = jobs.retry(session, created.job.id)
+    assert retried.status == "queued" and retried.error_code is None and retried.attempts == 0
+    assert _succeed(db_url, created.job.id, _start(db_url, created.job.id))
+
+
+def test_only_failed_jobs_can_be_retried(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    with session_scope(db_url) as session, pytest.raises(InvalidTransition, match="queued"):
+        jobs.retry(session, created.job.id)
+
+
+def test_a_queued_job_can_be_canceled_and_then_never_runs(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    with session_scope(db_url) as session:
+        assert jobs.cancel(session, created.job.id).status == "canceled"
+        assert jobs.start(session, created.job.id, "worker-a") is None
+
+
+def test_a_running_job_cannot_be_canceled(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    _start(db_url, created.job.id)
+    with session_scope(db_url) as session, pytest.raises(InvalidTransition, match="running"):
+        jobs.cancel(session, created.job.id)
+
+
+def test_an_unknown_job_id_is_reported_as_not_found(db_url: str) -> None:
+    with session_scope(db_url) as session, pytest.raises(JobNotFound):
+        jobs.get(session, "00000000-0000-0000-0000-000000000000")
+
+
+def test_listing_pages_newest_first_and_filters_by_status(db_url: str) -> None:
+    created = _create(db_url, *[_request() for _ in range(5)])
+    _start(db_url, created[0].job.id)
+    with session_scope(db_url) as session:
+        first_page = jobs.listing(session, limit=3)
+        last = first_page[-1]
+        second_page = jobs.listing(session, limit=3, before=(last.created_at, last.id))
+        running = jobs.listing(session, status="running")
+    ids = [j.id for j in first_page + second_page]
+    assert sorted(ids) == sorted(c.job.id for c in created)
+    assert [j.id for j in running] == [created[0].job.id]
