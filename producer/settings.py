@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -76,6 +75,21 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "broker"
 
 
-@lru_cache(maxsize=1)
+_current: Settings | None = None
+
+
 def get_settings() -> Settings:
-    return Settings()
+    global _current
+    if _current is None:
+        _current = Settings()
+    return _current
+
+
+def configure(**overrides: object) -> Settings:
+    """Replace the process's settings: environment plus explicit overrides (CLI flags).
+
+    Call it before anything builds clients from the settings (the CLI does, first thing).
+    """
+    global _current
+    _current = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return _current

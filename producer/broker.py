@@ -1,0 +1,87 @@
+"""The Celery app both sides share, and how jobs are put on the queue.
+
+The producer only sends task messages by name, so it never imports the worker (or torch).
+Messages carry nothing but the job id: the database is the source of truth for the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from producer.request import Queue as QueueName
+from producer.settings import Settings, get_settings
+
+TASK_NAME = "backdrop.process_job"
+QUEUE_NAMES = [QueueName.INTERACTIVE.value, QueueName.BULK.value]
+PUBLISH_BATCH = 1000
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("backdrop", broker=settings.broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {
+        # Longer than any job may take, or the broker hands a slow job to a second worker.
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Always drain `interactive` first so a backfill never starves it.
+        "queue_order_strategy": "priority",
+    }
+    if settings.embedded_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options.update(
+            data_folder_in=str(folder / "queue"),
+            data_folder_out=str(folder / "queue"),
+            processed_folder=str(folder / "processed"),
+            store_processed=False,
+        )
+    exchange = Exchange("backdrop", type="direct")
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # A job is acknowledged only once its record is final; a worker that dies mid-job
+        # leaves the message to be redelivered.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name, exchange, routing_key=name) for name in QUEUE_NAMES],
+        task_default_queue=QueueName.INTERACTIVE.value,
+        task_default_exchange="backdrop",
+        task_default_routing_key=QueueName.INTERACTIVE.value,
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=1)
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:
+    """Publish one task per (job id, queue) through one connection, pipelined where the
+    transport can (Redis: one pipeline per PUBLISH_BATCH messages)."""
+    if not jobs:
+        return
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        for job_id, queue in jobs:
+            app.send_task(
+                TASK_NAME,
+                args=[job_id],
+                task_id=job_id,
+                queue=queue,
+                routing_key=queue,
+                exchange="backdrop",
+                producer=producer,
+            )

@@ -1,0 +1,304 @@
+"""`backdrop`: the command line. Worker-side commands import the worker lazily, so the
+producer install (no torch) runs every other command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.errors import BackdropError, InvalidRequest
+from producer.request import FOREGROUND_CLASSES, Effect, OutputFormat, Queue
+from producer.settings import configure, get_settings
+
+EXIT_FAILED = 1
+JOB_FIELDS = (
+    "effect",
+    "background",
+    "blur_strength",
+    "classes",
+    "output",
+    "format",
+    "mask_output",
+    "mask",
+    "idempotency_key",
+    "queue",
+    "fail_on_no_subject",
+)
+
+
+def _fail(code: str, message: str) -> None:
+    click.echo(f"{code}: {message}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into the one-line `code: message` on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BackdropError as exc:
+            _fail(exc.code, exc.message)
+        except TimeoutError as exc:
+            _fail("timeout", str(exc))
+
+    return wrapper
+
+
+def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    return [name.strip() for name in value.split(",")] if value else None
+
+
+def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--effect", type=click.Choice([e.value for e in Effect]), default="remove"),
+        click.option("--background", help="remove: #RRGGBB or 'transparent'; replace: image"),
+        click.option("--blur-strength", type=click.FloatRange(0, 1, min_open=True)),
+        click.option(
+            "--classes",
+            callback=_classes,
+            help=f"comma-separated VOC classes kept as subject ({','.join(FOREGROUND_CLASSES)})",
+        ),
+        click.option("--output"),
+        click.option("--format", "format_", type=click.Choice([f.value for f in OutputFormat])),
+        click.option("--mask-output"),
+        click.option("--mask"),
+        click.option("--idempotency-key"),
+        click.option("--queue", type=click.Choice([q.value for q in Queue])),
+        click.option("--fail-on-no-subject", is_flag=True, default=None),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def request_fields(**options: Any) -> dict[str, Any]:
+    options["format"] = options.pop("format_", None)
+    return {k: v for k, v in options.items() if k in JOB_FIELDS and v is not None}
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group()
+def cli() -> None:
+    """Backdrop: remove, replace, blur or desaturate photo backgrounds at scale."""
+    from producer.logs import configure as configure_logging
+
+    configure_logging("WARNING")
+
+
+@cli.command()
+@click.argument("input_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output_file", type=click.Path(dir_okay=False, path_type=Path))
+@job_options
+@click.option("--save-mask", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--model")
+@reports_errors
+def process(
+    input_file: Path,
+    output_file: Path,
+    save_mask: Path | None,
+    device: str | None,
+    model: str | None,
+    **options: Any,
+) -> None:
+    """Process one local file, without queue or database: the workers' code path."""
+    settings = configure(device=device, model=model)
+    fields = request_fields(**options)
+    fields.setdefault("format", _format_from_suffix(output_file))
+    mask_file = fields.pop("mask", None)
+    from worker.local import process_file
+
+    process_file(
+        input_file,
+        output_file,
+        fields,
+        settings=settings,
+        mask_file=Path(mask_file) if mask_file else None,
+        save_mask=save_mask,
+    )
+    click.echo(str(output_file))
+
+
+def _format_from_suffix(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
+
+
+@cli.command()
+@click.argument("input_location")
+@job_options
+@click.option("--wait", is_flag=True, help="wait until the job is final")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def submit(input_location: str, wait: bool, timeout: float, as_json: bool, **options: Any) -> None:
+    """Queue a job; a plain local path is uploaded to the input prefix first."""
+    from producer.client import Client
+
+    client = Client()
+    fields = request_fields(**options)
+    fields["input"] = _as_location(client, input_location)
+    for key in ("background", "mask"):
+        if fields.get(key) and not fields[key].startswith("#") and fields[key] != "transparent":
+            fields[key] = _as_location(client, fields[key])
+    record = client.submit(fields)
+    if wait:
+        (record,) = client.wait([record["id"]], timeout=timeout)
+    if as_json:
+        _print_json(record)
+    else:
+        click.echo(record["id"] if not wait else f"{record['id']} {record['status']}")
+    if wait and record["status"] != "succeeded":
+        error = record["error"] or {"code": record["status"], "message": "job did not succeed"}
+        _fail(error["code"], error["message"])
+
+
+def _as_location(client: Any, value: str) -> str:
+    if "://" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise InvalidRequest(f"{value} is neither a location (s3://, file://) nor a local file")
+    from producer.storage import join
+
+    location = join(client.settings.input_prefix, f"{uuid.uuid4().hex}-{path.name}")
+    client.storage.upload_file(path, location)
+    return location
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def status(job_id: str, as_json: bool) -> None:
+    """Show one job."""
+    from producer.client import Client
+
+    record = Client().get(job_id)
+    if as_json:
+        _print_json(record)
+        return
+    for key, value in record.items():
+        shown = json.dumps(value, default=str) if isinstance(value, dict | list) else value
+        click.echo(f"{key:20} {shown}")
+
+
+@cli.command(name="jobs")
+@click.option("--status", "status_filter")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def jobs_command(status_filter: str | None, limit: int, as_json: bool) -> None:
+    """List recent jobs, newest first."""
+    from producer.client import Client
+
+    records, _ = Client().list(status=status_filter, limit=limit)
+    if as_json:
+        _print_json(records)
+        return
+    click.echo(format_table(records))
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = f"{'id':36}  {'status':9}  {'effect':10}  {'ms':>7}  {'error':24}  input"
+    lines = [header, "-" * len(header)]
+    for r in records:
+        total = sum((r["timings_ms"] or {}).values())
+        error = (r["error"] or {}).get("code", "")
+        lines.append(
+            f"{r['id']:36}  {r['status']:9}  {r['effect']:10}  {total:7.0f}  {error:24}  "
+            + r["input"]
+        )
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="retry every failed job")
+@reports_errors
+def retry(job_id: str | None, all_failed: bool) -> None:
+    """Requeue a failed job (or all of them)."""
+    from producer.client import Client
+
+    if bool(job_id) == all_failed:
+        raise InvalidRequest("give a JOB_ID or --failed, not both")
+    client = Client()
+    records = client.retry_failed() if all_failed else [client.retry(job_id or "")]
+    for record in records:
+        click.echo(f"{record['id']} {record['status']}")
+
+
+@cli.command()
+@click.argument("job_id")
+@reports_errors
+def cancel(job_id: str) -> None:
+    """Cancel a queued job."""
+    from producer.client import Client
+
+    record = Client().cancel(job_id)
+    click.echo(f"{record['id']} {record['status']}")
+
+
+@cli.command()
+@click.option("--queues", default="interactive,bulk", show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 512), help="job threads (default 2×batch)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--max-batch", type=click.IntRange(1, 256))
+@click.option("--loglevel", default="INFO", show_default=True)
+@reports_errors
+def worker(
+    queues: str, concurrency: int | None, device: str | None, max_batch: int | None, loglevel: str
+) -> None:
+    """Run a Celery worker: job threads feeding one batched model."""
+    settings = configure(device=device, max_batch=max_batch)
+    from worker.runner import run_worker
+
+    run_worker(settings, queues=queues.split(","), concurrency=concurrency, loglevel=loglevel)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@reports_errors
+def upgrade() -> None:
+    """Apply every migration."""
+    from producer.db import upgrade as upgrade_schema
+
+    url = get_settings().database_url
+    upgrade_schema(url)
+    click.echo("database is at the newest schema")
+
+
+@cli.command()
+@click.option(
+    "--output-dir", type=click.Path(file_okay=False, path_type=Path), default="demo-output"
+)
+@reports_errors
+def demo(output_dir: Path) -> None:
+    """Run the whole flow locally: a real worker process over real photos, all effects."""
+    from worker.demo import run_demo
+
+    run_demo(get_settings(), output_dir, echo=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="backdrop")
+
+
+if __name__ == "__main__":
+    main()

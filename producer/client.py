@@ -1,0 +1,142 @@
+"""The Python API producers use: submit jobs, look them up, retry and cancel them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+
+from producer import broker, jobs
+from producer.db import session_scope
+from producer.errors import InvalidRequest
+from producer.models import JobStatus
+from producer.request import JobRequest, parse_request
+from producer.settings import Settings, get_settings
+from producer.storage import Storage, get_storage
+
+Record = dict[str, Any]
+RequestLike = JobRequest | Mapping[str, Any]
+
+
+class Client:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        storage: Storage | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self._storage = storage
+        self._celery = celery
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = (
+                get_storage() if self.settings is get_settings() else Storage(self.settings)
+            )
+        return self._storage
+
+    @property
+    def celery(self) -> Celery:
+        if self._celery is None:
+            self._celery = (
+                broker.get_celery()
+                if self.settings is get_settings()
+                else broker.make_celery(self.settings)
+            )
+        return self._celery
+
+    def submit(self, request: RequestLike | None = None, **fields: Any) -> Record:
+        """Queue one job; `submit(input="s3://…", effect="blur")` or `submit(request)`."""
+        return self.submit_many([request if request is not None else fields])[0]
+
+    def submit_many(self, requests: Iterable[RequestLike]) -> list[Record]:
+        """Queue many jobs: one database statement and one broker pipeline for the lot."""
+        validated = [self._validate(request) for request in requests]
+        with session_scope(self.settings.database_url) as session:
+            created = jobs.create(session, validated, self.settings.output_prefix)
+        broker.enqueue(self.celery, [(c.job.id, c.job.queue) for c in created if c.new])
+        return [c.job.to_record() for c in created]
+
+    def _validate(self, request: RequestLike) -> JobRequest:
+        if not isinstance(request, JobRequest):
+            request = parse_request(dict(request))
+        locations = [request.input, request.output, request.mask_output, request.mask]
+        if request.effect == "replace":
+            locations.append(request.background)
+        for location in locations:
+            if location is not None:
+                self.storage.check_allowed(location)
+        if request.mask_output is not None and request.mask_output in (
+            request.input,
+            request.output,
+        ):
+            raise InvalidRequest("mask_output must differ from input and output")
+        return request
+
+    def get(self, job_id: str) -> Record:
+        with session_scope(self.settings.database_url) as session:
+            return jobs.get(session, job_id).to_record()
+
+    def list(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Record], str | None]:
+        """A page of jobs, newest first, and the cursor for the next page (None at the end)."""
+        if status is not None and status not in {s.value for s in JobStatus}:
+            raise InvalidRequest(f"unknown status {status!r}")
+        with session_scope(self.settings.database_url) as session:
+            page = jobs.listing(session, status=status, limit=limit, before=decode_cursor(cursor))
+            records = [job.to_record() for job in page]
+            next_cursor = (
+                encode_cursor(page[-1].created_at, page[-1].id) if len(page) == limit else None
+            )
+        return records, next_cursor
+
+    def retry(self, job_id: str) -> Record:
+        with session_scope(self.settings.database_url) as session:
+            job = jobs.retry(session, job_id)
+            record = job.to_record()
+        broker.enqueue(self.celery, [(record["id"], record["queue"])])
+        return record
+
+    def retry_failed(self, limit: int = 10_000) -> list[Record]:
+        with session_scope(self.settings.database_url) as session:
+            ids = jobs.failed_ids(session, limit)
+        return [self.retry(job_id) for job_id in ids]
+
+    def cancel(self, job_id: str) -> Record:
+        with session_scope(self.settings.database_url) as session:
+            return jobs.cancel(session, job_id).to_record()
+
+    def wait(self, job_ids: Sequence[str], *, timeout: float = 600.0) -> list[Record]:
+        """Poll until every job is final; TimeoutError names the ones still open."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            records = [self.get(job_id) for job_id in job_ids]
+            open_ids = [r["id"] for r in records if not JobStatus(r["status"]).final]
+            if not open_ids:
+                return records
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not finished after {timeout:.0f}s: {open_ids[:10]}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    return f"{created_at.isoformat()}|{job_id}"
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        moment, job_id = cursor.split("|", 1)
+        return datetime.fromisoformat(moment), job_id
+    except ValueError:
+        raise InvalidRequest(f"malformed cursor {cursor!r}") from None

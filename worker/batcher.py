@@ -1,0 +1,123 @@
+"""Dynamic batching across jobs: one thread owns the model and serves every job thread.
+
+Job threads call `segment()` and block; the batcher thread takes whatever requests are waiting
+(up to `max_batch`, waiting at most `max_wait_ms` for more after the first) and runs them
+through the model in one call. The model is built lazily inside that thread, so nothing
+touches torch (or CUDA) before the worker process is fully started.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from worker.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    image: np.ndarray
+    classes: Sequence[int]
+    future: Future[np.ndarray] = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(
+        self, load: Callable[[], Segmenter], *, max_batch: int = 8, max_wait_ms: int = 20
+    ) -> None:
+        self._load = load
+        self._max_batch = max_batch
+        self._max_wait = max_wait_ms / 1000
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._segmenter: Segmenter | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.batch_sizes: Counter[int] = Counter()
+        self._thread = threading.Thread(target=self._run, name="backdrop-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def segmenter(self) -> Segmenter:
+        """The loaded model (waits for it); re-raises a load failure."""
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        assert self._segmenter is not None
+        return self._segmenter
+
+    def segment(self, image: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        request = _Request(image, classes)
+        self._requests.put(request)
+        return request.future.result()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            self._segmenter = self._load()
+        except BaseException as exc:  # reported to every caller instead of killing the thread
+            self._load_error = exc
+        finally:
+            self._ready.set()
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            self._serve(batch)
+
+    def _collect(self) -> list[_Request] | None:
+        first = self._requests.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self._max_wait
+        while len(batch) < self._max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                request = (
+                    self._requests.get(timeout=remaining)
+                    if remaining > 0
+                    else self._requests.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if request is None:
+                self._requests.put(None)
+                break
+            batch.append(request)
+        return batch
+
+    def _serve(self, batch: list[_Request]) -> None:
+        if self._load_error is not None:
+            for request in batch:
+                request.future.set_exception(self._load_error)
+            return
+        assert self._segmenter is not None
+        self.batch_sizes[len(batch)] += 1
+        log.info("segmenting a batch of %d", len(batch))
+        try:
+            masks = self._segmenter.predict([r.image for r in batch], [r.classes for r in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("segmentation failed")
+                batch[0].future.set_exception(exc)
+                return
+            # One bad request must not fail its batch-mates: retry each on its own.
+            log.warning("batch of %d failed; retrying its images one by one", len(batch))
+            for request in batch:
+                self._serve([request])
+            return
+        for request, mask in zip(batch, masks, strict=True):
+            request.future.set_result(mask)

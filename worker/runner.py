@@ -1,0 +1,62 @@
+"""`backdrop worker`: check the model can load, then run Celery on a thread pool.
+
+Threads, not prefork: the one model (and its CUDA context) lives in this process and every
+job thread shares it through the batcher; nothing is ever forked after torch is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+from producer.storage import get_storage
+
+from producer.logs import configure as configure_logging
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_concurrency(settings: Settings) -> int:
+    # Enough job threads to fill a batch while the previous one is composited and uploaded.
+    return max(4, 2 * settings.max_batch)
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before connecting to anything if no weights can be had (WeightsUnavailable)."""
+    from worker.weights import resolve_weights
+
+    path = resolve_weights(settings.model, settings.weights, fetch=get_storage().download_file)
+    log.info("model %s, weights %s", settings.model, path)
+
+
+def celery_argv(
+    settings: Settings, queues: Sequence[str], concurrency: int, loglevel: str
+) -> list[str]:
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency}",
+        f"--queues={','.join(queues)}",
+        f"--loglevel={loglevel}",
+        f"--hostname=backdrop-{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if not settings.embedded_broker:
+        argv.append("--task-events")  # for Flower
+    return argv
+
+
+def run_worker(
+    settings: Settings, *, queues: Sequence[str], concurrency: int | None, loglevel: str
+) -> None:
+    configure_logging(loglevel)
+    preflight(settings)
+    from worker.tasks import app
+
+    app.worker_main(
+        celery_argv(settings, queues, concurrency or default_concurrency(settings), loglevel)
+    )

@@ -1,0 +1,218 @@
+"""The Celery task: one job per message, run on a thread that shares the process's model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_ready
+from producer.storage import Storage, content_type_for, get_storage
+
+from producer import jobs
+from producer.broker import TASK_NAME, get_celery
+from producer.db import session_scope
+from producer.errors import (
+    BackdropError,
+    BackgroundNotFound,
+    InputNotFound,
+    PermanentError,
+    TransientError,
+    WorkerLost,
+)
+from producer.logs import job_context
+from producer.models import Job
+from producer.request import Effect, JobRequest
+from producer.settings import Settings, get_settings
+from worker.batcher import Batcher
+from worker.imageio import decode_image, decode_mask
+from worker.pipeline import Timings, alpha_for, render
+from worker.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+app = get_celery()
+
+_batcher: Batcher | None = None
+_batcher_lock = threading.Lock()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_segmenter(settings: Settings) -> Segmenter:
+    return Segmenter.load(
+        settings.model,
+        weights=settings.weights,
+        device=settings.device,
+        input_size=settings.model_input_size,
+        fetch=get_storage().download_file,
+    )
+
+
+def get_batcher() -> Batcher:
+    """The process's one batcher; its thread builds the model on first use."""
+    global _batcher
+    with _batcher_lock:
+        if _batcher is None:
+            settings = get_settings()
+            _batcher = Batcher(
+                lambda: load_segmenter(settings),
+                max_batch=settings.max_batch,
+                max_wait_ms=settings.max_wait_ms,
+            )
+        return _batcher
+
+
+@worker_process_init.connect
+@worker_ready.connect
+def _warm_up(**_: Any) -> None:
+    # Start loading the model as soon as the worker runs, not when the first job arrives.
+    get_batcher()
+
+
+def _read_image_input(storage: Storage, location: str, settings: Settings, what: str) -> bytes:
+    try:
+        return storage.read(location, max_bytes=settings.max_input_bytes)
+    except InputNotFound as exc:
+        if what == "background":
+            raise BackgroundNotFound(exc.message) from None
+        raise
+
+
+def request_of(job: Job) -> JobRequest:
+    return JobRequest(
+        input=job.input,
+        effect=job.effect,
+        output=job.output,
+        mask_output=job.mask_output,
+        queue=job.queue,
+        **job.params,
+    )
+
+
+def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) -> dict[str, Any]:
+    """Run one job's work; returns what the succeeded record needs."""
+    request = request_of(job)
+    timings = Timings()
+    with timings.stage("download"):
+        data = _read_image_input(storage, request.input, settings, "input")
+        mask_data = (
+            _read_image_input(storage, request.mask, settings, "mask") if request.mask else None
+        )
+        background_data = (
+            _read_image_input(storage, request.background or "", settings, "background")
+            if request.effect == Effect.REPLACE
+            else None
+        )
+    with timings.stage("decode"):
+        photo = decode_image(
+            data, max_pixels=settings.max_pixels, max_bytes=settings.max_input_bytes
+        )
+        coarse = (
+            decode_mask(
+                mask_data, max_pixels=settings.max_pixels, max_bytes=settings.max_input_bytes
+            )
+            if mask_data is not None
+            else None
+        )
+        background = None
+        if background_data is not None:
+            try:
+                background = decode_image(
+                    background_data,
+                    max_pixels=settings.max_pixels,
+                    max_bytes=settings.max_input_bytes,
+                ).rgb
+            except PermanentError as exc:
+                raise type(exc)(f"background image: {exc.message}") from None
+    segmenter = batcher.segmenter
+    alpha = alpha_for(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
+    rendered = render(
+        photo,
+        alpha,
+        request,
+        timings,
+        background=background,
+        want_mask=request.mask_output is not None,
+    )
+    with timings.stage("upload"):
+        storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
+        if rendered.mask is not None and request.mask_output:
+            storage.write(request.mask_output, rendered.mask, content_type="image/png")
+    height, width = photo.rgb.shape[:2]
+    return {
+        "model_name": segmenter.name if coarse is None else None,
+        "model_weights": segmenter.weights_id if coarse is None else None,
+        "timings_ms": timings.ms,
+        "input_size": (width, height),
+        "foreground_fraction": rendered.foreground_fraction,
+    }
+
+
+def execute(job_id: str, *, final_try: bool) -> None:
+    """Start the job, run it, record the outcome. Transient errors propagate for a retry
+    unless this is the final try, when they are recorded with their code."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        job = jobs.start(session, job_id, worker_name())
+    if job is None:
+        log.info("job is final or unknown; dropping its message")
+        return
+    attempt = job.attempts
+    if attempt > settings.max_attempts:
+        _record_failure(
+            settings,
+            job_id,
+            attempt,
+            WorkerLost(f"job was started {attempt - 1} times without finishing; giving up"),
+        )
+        return
+    log.info("started attempt %d (%s, %s)", attempt, job.effect, job.input)
+    try:
+        result = process(job, settings, get_storage(), get_batcher())
+    except TransientError as exc:
+        if not final_try:
+            log.warning("transient failure, will retry: %s", exc)
+            raise
+        _record_failure(settings, job_id, attempt, exc)
+        return
+    except BackdropError as exc:
+        _record_failure(settings, job_id, attempt, exc)
+        return
+    except Exception as exc:
+        log.exception("unexpected failure")
+        _record_failure(settings, job_id, attempt, BackdropError(f"{type(exc).__name__}: {exc}"))
+        return
+    with session_scope(settings.database_url) as session:
+        recorded = jobs.succeed(session, job_id, attempt, **result)
+    if recorded:
+        log.info("succeeded in %.0f ms", sum(result["timings_ms"].values()))
+    else:
+        log.warning("finished, but a newer attempt owns the job; result not recorded")
+
+
+def _record_failure(settings: Settings, job_id: str, attempt: int, exc: BackdropError) -> None:
+    log.info("failed: %s", exc)
+    with session_scope(settings.database_url) as session:
+        jobs.fail(session, job_id, attempt, exc.code, exc.message)
+
+
+def backoff_seconds(retries: int) -> float:
+    """Exponential backoff with full jitter, capped at a minute."""
+    return random.uniform(0, min(60.0, 2.0 ** (retries + 1)))
+
+
+@app.task(name=TASK_NAME, bind=True, max_retries=None)
+def process_job(self: Task, job_id: str) -> None:
+    settings = get_settings()
+    with job_context(job_id):
+        final_try = self.request.retries + 1 >= settings.max_attempts
+        try:
+            execute(job_id, final_try=final_try)
+        except TransientError as exc:
+            raise self.retry(countdown=backoff_seconds(self.request.retries), exc=exc) from None
