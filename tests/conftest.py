@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,48 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
     with get_engine(url).begin() as connection:
         connection.execute(text("TRUNCATE jobs"))
+
+
+# --- polling, Redis, model weights ------------------------------------------------------
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
+
+
+def poll_until(condition: Callable[[], object], *, timeout: float, what: str) -> None:
+    """Wait for a condition with a deadline (never a bare sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def redis_url_for_tests() -> str:
+    """A Redis database of its own for the tests, emptied first."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+        available = True
+    except redis.RedisError:
+        available = False
+    require_service("Redis", available, REDIS_TEST_URL)
+    return REDIS_TEST_URL
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init DeepLabV3-MobileNetV3 state dict, shaped like the published file."""
+    import torch
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
+    path = tmp_path_factory.mktemp("weights") / "deeplabv3_mobilenet_v3_large-random.pth"
+    torch.save(model.state_dict(), path)
+    return path

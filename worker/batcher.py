@@ -16,12 +16,23 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from worker.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
+
+
+class Segmenter(Protocol):
+    """What the batcher needs of a model (worker.segmenter.Segmenter in production)."""
+
+    name: str
+    weights_id: str
+
+    def predict(
+        self, images: Sequence[np.ndarray], classes: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]: ...
 
 
 @dataclass

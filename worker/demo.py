@@ -18,13 +18,13 @@ from typing import Any
 
 import cv2
 import numpy as np
-from producer.storage import get_storage, join
 
 from producer.client import Client
 from producer.db import upgrade
 from producer.errors import BackdropError
 from producer.models import JobStatus
 from producer.settings import Settings
+from producer.storage import get_storage, join
 from worker.imageio import decode_image
 from worker.runner import preflight
 

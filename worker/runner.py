@@ -11,10 +11,9 @@ import os
 import socket
 from collections.abc import Sequence
 
-from producer.storage import get_storage
-
 from producer.logs import configure as configure_logging
 from producer.settings import Settings
+from producer.storage import get_storage
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init, worker_ready
-from producer.storage import Storage, content_type_for, get_storage
 
 from producer import jobs
 from producer.broker import TASK_NAME, get_celery
@@ -28,6 +27,7 @@ from producer.logs import job_context
 from producer.models import Job
 from producer.request import Effect, JobRequest
 from producer.settings import Settings, get_settings
+from producer.storage import Storage, content_type_for, get_storage
 from worker.batcher import Batcher
 from worker.imageio import decode_image, decode_mask
 from worker.pipeline import Timings, alpha_for, render

@@ -1,0 +1,302 @@
+"""End to end through real services: PostgreSQL, Redis, an HTTP S3 endpoint and a real
+`backdrop worker` (Celery) process running a random-init DeepLabV3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from PIL import Image
+
+from producer import broker, jobs
+from producer.client import Client
+from producer.db import session_scope
+from producer.request import JobRequest
+from producer.settings import Settings
+from producer.storage import Storage
+from tests.conftest import poll_until, redis_url_for_tests
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(
+    postgres_url: str,
+    s3_server: str,
+    mobilenet_weights: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
+    """The environment a worker and the producer share."""
+    bucket = f"pipeline-{uuid.uuid4().hex[:8]}"
+    data_dir = tmp_path_factory.mktemp("backdrop-data")
+    env = {
+        "BACKDROP_DATABASE_URL": postgres_url,
+        "BACKDROP_BROKER_URL": redis_url_for_tests(),
+        "BACKDROP_S3_ENDPOINT_URL": s3_server,
+        "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/out",
+        "BACKDROP_INPUT_PREFIX": f"s3://{bucket}/in",
+        "BACKDROP_ALLOWED_BUCKETS": bucket,
+        "BACKDROP_DATA_DIR": str(data_dir),
+        "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
+        "BACKDROP_WEIGHTS": str(mobilenet_weights),
+        "BACKDROP_MODEL_INPUT_SIZE": "256",
+        "BACKDROP_DEVICE": "cpu",
+        "BACKDROP_MAX_BATCH": "4",
+        "BACKDROP_MAX_WAIT_MS": "50",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    env["BUCKET"] = bucket
+    return env
+
+
+@pytest.fixture(scope="module")
+def settings(pipeline_env: dict[str, str]) -> Settings:
+    fields = {
+        key.removeprefix("BACKDROP_").lower(): value
+        for key, value in pipeline_env.items()
+        if key.startswith("BACKDROP_")
+    }
+    return Settings(**fields)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Client:
+    return Client(settings, storage=Storage(settings), celery=broker.make_celery(settings))
+
+
+@pytest.fixture(scope="module")
+def worker_process(
+    pipeline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A real `backdrop worker` subprocess; yields its log file."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {**os.environ, **pipeline_env}
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "--concurrency", "6"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        poll_until(
+            lambda: " ready." in log_path.read_text() or process.poll() is not None,
+            timeout=120,
+            what="the worker to start",
+        )
+        assert process.poll() is None, log_path.read_text()
+        yield log_path
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _upload(client: Client, bucket: str, key: str, data: bytes) -> str:
+    location = f"s3://{bucket}/{key}"
+    client.storage.write(location, data, content_type="application/octet-stream")
+    return location
+
+
+def _as(fmt: str, data: bytes) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _decoded_size(client: Client, location: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(client.storage.read(location))).size
+
+
+def test_a_mixed_batch_all_succeeds_with_outputs_at_full_size_and_complete_records(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    astronaut = _upload(client, bucket, "in/astronaut.jpg", _as("JPEG", photo_bytes["astronaut"]))
+    chelsea = _upload(client, bucket, "in/chelsea.png", photo_bytes["chelsea"])
+    coffee = _upload(client, bucket, "in/coffee.webp", _as("WEBP", photo_bytes["coffee"]))
+    moto = _upload(client, bucket, "in/motorcycle.png", photo_bytes["motorcycle_left"])
+    requests: list[dict[str, Any]] = [
+        {
+            "input": astronaut,
+            "effect": "remove",
+            "format": "png",
+            "mask_output": f"s3://{bucket}/masks/a.png",
+        },
+        {"input": astronaut, "effect": "remove", "background": "transparent", "format": "webp"},
+        {"input": chelsea, "effect": "replace", "background": moto, "format": "jpeg"},
+        {"input": coffee, "effect": "blur", "blur_strength": 0.3, "format": "webp"},
+        {
+            "input": moto,
+            "effect": "desaturate",
+            "format": "jpeg",
+            "classes": ["motorbike", "person"],
+        },
+        {
+            "input": chelsea,
+            "effect": "remove",
+            "background": "#00FF00",
+            "format": "png",
+            "mask_output": f"s3://{bucket}/masks/c.png",
+        },
+    ]
+    records = client.submit_many(requests)
+    finished = client.wait([r["id"] for r in records], timeout=300)
+
+    sizes = {astronaut: (512, 512), chelsea: (451, 300), coffee: (600, 400), moto: (740, 500)}
+    for request, record in zip(requests, finished, strict=True):
+        assert record["status"] == "succeeded", record
+        assert _decoded_size(client, record["output"]) == sizes[request["input"]]
+        assert record["input_size"] == list(sizes[request["input"]])
+        assert record["model"]["name"] == "deeplabv3_mobilenet_v3_large"
+        assert record["model"]["weights"]
+        assert {"download", "decode", "segment", "refine", "composite", "encode", "upload"} <= set(
+            record["timings_ms"]
+        )
+        assert 0.0 <= record["foreground_fraction"] <= 1.0
+        assert record["attempts"] == 1 and record["worker"] and record["error"] is None
+    assert _decoded_size(client, f"s3://{bucket}/masks/a.png") == (512, 512)
+    transparent = Image.open(io.BytesIO(client.storage.read(finished[1]["output"])))
+    assert transparent.mode == "RGBA"
+
+
+def test_a_missing_input_fails_with_input_not_found_while_its_neighbours_succeed(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    present = _upload(client, bucket, "in/present.png", photo_bytes["chelsea"])
+    records = client.submit_many(
+        [
+            {"input": present},
+            {"input": f"s3://{bucket}/in/absent.png"},
+            {"input": present, "effect": "blur"},
+        ]
+    )
+    first, missing, third = client.wait([r["id"] for r in records], timeout=300)
+    assert first["status"] == third["status"] == "succeeded"
+    assert missing["status"] == "failed"
+    assert missing["error"]["code"] == "input_not_found"
+    assert "absent.png" in missing["error"]["message"]
+
+
+def test_resubmitting_an_idempotency_key_returns_the_same_job(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    location = _upload(client, pipeline_env["BUCKET"], "in/idem.png", photo_bytes["coffee"])
+    key = f"upload-{uuid.uuid4()}"
+    first = client.submit(input=location, idempotency_key=key)
+    second = client.submit(input=location, idempotency_key=key, effect="blur")
+    assert second["id"] == first["id"] and second["effect"] == "remove"
+    (done,) = client.wait([first["id"]], timeout=300)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_a_retried_failed_job_can_succeed(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    location = f"s3://{bucket}/in/late-{uuid.uuid4().hex}.png"
+    record = client.submit(input=location)
+    (failed,) = client.wait([record["id"]], timeout=300)
+    assert failed["error"]["code"] == "input_not_found"
+    client.storage.write(location, photo_bytes["astronaut"], content_type="image/png")
+    assert client.retry(record["id"])["status"] == "queued"
+    (done,) = client.wait([record["id"]], timeout=300)
+    assert done["status"] == "succeeded" and done["error"] is None
+
+
+def test_a_canceled_job_never_runs_even_when_its_message_arrives(
+    client: Client,
+    settings: Settings,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    location = _upload(client, pipeline_env["BUCKET"], "in/cancel.png", photo_bytes["chelsea"])
+    with session_scope(settings.database_url) as session:
+        (created,) = jobs.create(session, [JobRequest(input=location)], settings.output_prefix)
+    assert client.cancel(created.job.id)["status"] == "canceled"
+    broker.enqueue(client.celery, [(created.job.id, "interactive")])
+    follower = client.submit(input=location)
+    client.wait([follower["id"]], timeout=300)
+    poll_until(
+        lambda: created.job.id in worker_process.read_text(),
+        timeout=60,
+        what="the canceled job's message",
+    )
+    record = client.get(created.job.id)
+    assert record["status"] == "canceled" and record["attempts"] == 0
+    assert not client.storage.exists(record["output"])
+
+
+def test_the_cli_uploads_a_local_file_submits_and_waits_for_the_record(
+    pipeline_env: dict[str, str], worker_process: Path, photo_paths: dict[str, Path]
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "submit",
+            str(photo_paths["coffee"]),
+            "--effect",
+            "desaturate",
+            "--wait",
+            "--json",
+        ],
+        env={**os.environ, **pipeline_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["status"] == "succeeded"
+    assert record["input"].startswith(f"s3://{pipeline_env['BUCKET']}/in/")
+    assert record["input_size"] == [600, 400]
+
+
+def test_jobs_submitted_together_are_segmented_in_batches(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    location = _upload(client, pipeline_env["BUCKET"], "in/batch.png", photo_bytes["astronaut"])
+    records = client.submit_many([{"input": location, "effect": "blur"} for _ in range(12)])
+    client.wait([r["id"] for r in records], timeout=300)
+    sizes = [
+        int(line.rsplit(" ", 1)[-1])
+        for line in worker_process.read_text().splitlines()
+        if "segmenting a batch of" in line
+    ]
+    assert max(sizes) > 1
