@@ -20,7 +20,6 @@ from typing import Protocol
 
 import numpy as np
 
-
 log = logging.getLogger(__name__)
 
 
