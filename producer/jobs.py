@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -128,17 +128,24 @@ def _guarded(session: Session, job_id: str, allowed: Sequence[JobStatus], **valu
     return result.rowcount == 1
 
 
-def start(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued → running (or a redelivered running job again): returns None when the job is
-    final or gone, telling the worker to drop the message."""
+def start(session: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
+    """queued → running, or a running job whose lease ran out (its worker died) → running
+    under a new attempt. Returns None when the job is final, gone, or still owned by a live
+    attempt: the worker then drops the message."""
+    moment = now()
+    startable = (Job.status == JobStatus.QUEUED.value) | (
+        (Job.status == JobStatus.RUNNING.value)
+        & ((Job.lease_expires_at.is_(None)) | (Job.lease_expires_at < moment))
+    )
     started = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        .where(Job.id == job_id, startable)
         .values(
             status=JobStatus.RUNNING.value,
             attempts=Job.attempts + 1,
-            started_at=now(),
+            started_at=moment,
             worker=worker,
+            lease_expires_at=moment + timedelta(seconds=lease_s),
         )
         .execution_options(synchronize_session=False)
     )
@@ -146,6 +153,74 @@ def start(session: Session, job_id: str, worker: str) -> Job | None:
         return None
     session.expire_all()
     return session.get(Job, job_id)
+
+
+def renew(session: Session, owned: Sequence[tuple[str, int]], lease_s: float) -> int:
+    """Extend the leases of the attempts this worker is running; returns how many it still owns."""
+    if not owned:
+        return 0
+    expires = now() + timedelta(seconds=lease_s)
+    renewed = 0
+    for job_id, attempt in owned:
+        result = session.execute(
+            update(Job)
+            .where(_owned(job_id, attempt))
+            .values(lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        renewed += result.rowcount
+    return renewed
+
+
+def release(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
+    """running → queued after a transient failure, keeping the reason until the next try."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(
+            status=JobStatus.QUEUED.value,
+            lease_expires_at=None,
+            error_code=code,
+            error_message=f"retrying after: {message}"[:2000],
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class Reaped:
+    requeued: list[tuple[str, str]]  # (job id, queue) to publish again
+    lost: list[str]  # jobs that kept killing their workers, now failed with worker_lost
+
+
+def reap(session: Session, max_attempts: int) -> Reaped:
+    """Jobs whose worker stopped renewing the lease: requeue them, or fail them with
+    worker_lost once they have used up their attempts (a poison photo)."""
+    moment = now()
+    expired = (Job.status == JobStatus.RUNNING.value) & (Job.lease_expires_at < moment)
+    lost = session.execute(
+        update(Job)
+        .where(expired, Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=moment,
+            lease_expires_at=None,
+            error_code="worker_lost",
+            error_message=f"the worker died during each of {max_attempts} attempts",
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    lost_ids = list(lost.scalars())
+    requeued = session.execute(
+        update(Job)
+        .where(expired, Job.attempts < max_attempts)
+        .values(status=JobStatus.QUEUED.value, lease_expires_at=None)
+        .returning(Job.id, Job.queue)
+        .execution_options(synchronize_session=False)
+    )
+    return Reaped(requeued=[(row.id, row.queue) for row in requeued], lost=lost_ids)
 
 
 def _owned(job_id: str, attempt: int) -> Any:
@@ -170,6 +245,7 @@ def succeed(
         .values(
             status=JobStatus.SUCCEEDED.value,
             finished_at=now(),
+            lease_expires_at=None,
             model_name=model_name,
             model_weights=model_weights,
             timings_ms=timings_ms,
@@ -204,6 +280,7 @@ def fail(
     values: dict[str, Any] = {
         "status": JobStatus.FAILED.value,
         "finished_at": now(),
+        "lease_expires_at": None,
         "error_code": code,
         "error_message": message[:2000],
     }

@@ -52,10 +52,13 @@ class Job(Base):
     input_width: Mapped[int | None] = mapped_column(Integer)
     input_height: Mapped[int | None] = mapped_column(Integer)
     foreground_fraction: Mapped[float | None] = mapped_column(Float)
+    # A running job belongs to its attempt only while the worker keeps renewing this lease.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
 
     def to_record(self) -> dict[str, Any]:

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # Longest a job may run before the broker hands its message to another worker.
     visibility_timeout_s: int = Field(default=3600, ge=60)
     max_attempts: int = Field(default=5, ge=1)
+    # A running job's lease: renewed by its worker every third of it; when it runs out (the
+    # worker died), the reaper requeues the job. Bounds recovery time after a crash.
+    job_lease_s: float = Field(default=60.0, gt=0)
 
     @field_validator("allowed_buckets", "local_roots", "api_tokens", mode="before")
     @classmethod

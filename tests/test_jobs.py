@@ -22,9 +22,9 @@ def _create(url: str, *requests: JobRequest) -> list[jobs.Created]:
         return jobs.create(session, list(requests), PREFIX)
 
 
-def _start(url: str, job_id: str) -> int:
+def _start(url: str, job_id: str, lease_s: float = 60) -> int:
     with session_scope(url) as session:
-        job = jobs.start(session, job_id, "worker-a")
+        job = jobs.start(session, job_id, "worker-a", lease_s)
         assert job is not None
         return job.attempts
 
@@ -90,15 +90,15 @@ def test_a_finished_job_is_never_moved_back_by_a_late_delivery(db_url: str) -> N
     attempt = _start(db_url, created.job.id)
     assert _succeed(db_url, created.job.id, attempt)
     with session_scope(db_url) as session:
-        assert jobs.start(session, created.job.id, "worker-b") is None
+        assert jobs.start(session, created.job.id, "worker-b", 60) is None
         assert not jobs.fail(session, created.job.id, attempt, "internal", "late")
     assert _status(db_url, created.job.id) == JobStatus.SUCCEEDED
 
 
 def test_a_stale_attempt_cannot_finish_a_job_a_newer_attempt_owns(db_url: str) -> None:
     (created,) = _create(db_url, _request())
-    stale = _start(db_url, created.job.id)
-    fresh = _start(db_url, created.job.id)  # redelivered after the first worker vanished
+    stale = _start(db_url, created.job.id, lease_s=-1)  # its worker vanished: lease ran out
+    fresh = _start(db_url, created.job.id)
     assert fresh == stale + 1
     assert not _succeed(db_url, created.job.id, stale)
     assert _succeed(db_url, created.job.id, fresh)
@@ -134,7 +134,7 @@ def test_a_queued_job_can_be_canceled_and_then_never_runs(db_url: str) -> None:
     (created,) = _create(db_url, _request())
     with session_scope(db_url) as session:
         assert jobs.cancel(session, created.job.id).status == "canceled"
-        assert jobs.start(session, created.job.id, "worker-a") is None
+        assert jobs.start(session, created.job.id, "worker-a", 60) is None
 
 
 def test_a_running_job_cannot_be_canceled(db_url: str) -> None:
@@ -160,3 +160,50 @@ def test_listing_pages_newest_first_and_filters_by_status(db_url: str) -> None:
     ids = [j.id for j in first_page + second_page]
     assert sorted(ids) == sorted(c.job.id for c in created)
     assert [j.id for j in running] == [created[0].job.id]
+
+
+def test_a_duplicate_delivery_cannot_take_a_job_from_a_live_attempt(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        assert jobs.start(session, created.job.id, "worker-b", 60) is None
+        assert jobs.get(session, created.job.id).worker == "worker-a"
+
+
+def test_a_transient_failure_releases_the_job_back_to_queued_with_its_reason(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    attempt = _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        assert jobs.release(session, created.job.id, attempt, "storage_unavailable", "503")
+        job = jobs.get(session, created.job.id)
+    assert job.status == "queued" and job.error_code == "storage_unavailable"
+    assert _succeed(db_url, created.job.id, _start(db_url, created.job.id))
+
+
+def test_the_reaper_requeues_expired_leases_and_fails_poison_jobs_as_worker_lost(
+    db_url: str,
+) -> None:
+    alive, dead, poison = (c.job.id for c in _create(db_url, *[_request() for _ in range(3)]))
+    _start(db_url, alive)
+    _start(db_url, dead, lease_s=-1)
+    for _ in range(3):
+        _start(db_url, poison, lease_s=-1)
+    with session_scope(db_url) as session:
+        reaped = jobs.reap(session, max_attempts=3)
+    assert reaped.requeued == [(dead, "interactive")]
+    assert reaped.lost == [poison]
+    assert _status(db_url, alive) == "running"
+    assert _status(db_url, dead) == "queued"
+    with session_scope(db_url) as session:
+        record = jobs.get(session, poison).to_record()
+    assert record["status"] == "failed" and record["error"]["code"] == "worker_lost"
+
+
+def test_renewing_keeps_only_the_leases_the_worker_still_owns(db_url: str) -> None:
+    mine, stolen = (c.job.id for c in _create(db_url, _request(), _request()))
+    my_attempt = _start(db_url, mine, lease_s=-1)
+    old_attempt = _start(db_url, stolen, lease_s=-1)
+    _start(db_url, stolen)  # another worker took it over
+    with session_scope(db_url) as session:
+        assert jobs.renew(session, [(mine, my_attempt), (stolen, old_attempt)], 60) == 1
+        assert jobs.reap(session, max_attempts=5).requeued == []

@@ -23,6 +23,7 @@ from producer.errors import (
     TransientError,
     WorkerLost,
 )
+from producer.leases import LeaseKeeper
 from producer.logs import job_context
 from producer.models import Job
 from producer.request import Effect, JobRequest
@@ -38,6 +39,11 @@ app = get_celery()
 
 _batcher: Batcher | None = None
 _batcher_lock = threading.Lock()
+_leases: LeaseKeeper | None = None
+
+
+class Superseded(Exception):
+    """This attempt lost the job to a newer one; it must stop without writing anything."""
 
 
 def worker_name() -> str:
@@ -68,11 +74,22 @@ def get_batcher() -> Batcher:
         return _batcher
 
 
+def get_leases() -> LeaseKeeper:
+    global _leases
+    with _batcher_lock:
+        if _leases is None:
+            _leases = LeaseKeeper(get_settings(), app)
+            _leases.start()
+        return _leases
+
+
 @worker_process_init.connect
 @worker_ready.connect
 def _warm_up(**_: Any) -> None:
-    # Start loading the model as soon as the worker runs, not when the first job arrives.
+    # Load the model and start renewing leases as soon as the worker runs, not when the
+    # first job arrives.
     get_batcher()
+    get_leases()
 
 
 def _read_image_input(storage: Storage, location: str, settings: Settings, what: str) -> bytes:
@@ -140,6 +157,11 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         background=background,
         want_mask=request.mask_output is not None,
     )
+    with session_scope(settings.database_url) as session:
+        # Only the attempt that owns the job writes its output: a worker that lost its lease
+        # (it stalled, and the job was handed on) must not write over its successor's work.
+        if not jobs.renew(session, [(job.id, job.attempts)], settings.job_lease_s):
+            raise Superseded(f"attempt {job.attempts} no longer owns the job")
     with timings.stage("upload"):
         storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
         if rendered.mask is not None and request.mask_output:
@@ -159,9 +181,9 @@ def execute(job_id: str, *, final_try: bool) -> None:
     unless this is the final try, when they are recorded with their code."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
-        job = jobs.start(session, job_id, worker_name())
+        job = jobs.start(session, job_id, worker_name(), settings.job_lease_s)
     if job is None:
-        log.info("job is final or unknown; dropping its message")
+        log.info("job is final, unknown or owned by a live attempt; dropping its message")
         return
     attempt = job.attempts
     if attempt > settings.max_attempts:
@@ -173,11 +195,18 @@ def execute(job_id: str, *, final_try: bool) -> None:
         )
         return
     log.info("started attempt %d (%s, %s)", attempt, job.effect, job.input)
+    leases = get_leases()
+    leases.hold(job_id, attempt)
     try:
         result = process(job, settings, get_storage(), get_batcher())
+    except Superseded as exc:
+        log.warning("%s; stopping without writing", exc)
+        return
     except TransientError as exc:
         if not final_try:
             log.warning("transient failure, will retry: %s", exc)
+            with session_scope(settings.database_url) as session:
+                jobs.release(session, job_id, attempt, exc.code, exc.message)
             raise
         _record_failure(settings, job_id, attempt, exc)
         return
@@ -188,6 +217,8 @@ def execute(job_id: str, *, final_try: bool) -> None:
         log.exception("unexpected failure")
         _record_failure(settings, job_id, attempt, BackdropError(f"{type(exc).__name__}: {exc}"))
         return
+    finally:
+        leases.drop(job_id, attempt)
     with session_scope(settings.database_url) as session:
         recorded = jobs.succeed(session, job_id, attempt, **result)
     if recorded:

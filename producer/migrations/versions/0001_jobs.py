@@ -38,9 +38,11 @@ def upgrade() -> None:
         sa.Column("input_width", sa.Integer),
         sa.Column("input_height", sa.Integer),
         sa.Column("foreground_fraction", sa.Float),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True)),
     )
     op.create_index("ix_jobs_status_created_at", "jobs", ["status", "created_at"])
     op.create_index("ix_jobs_created_at", "jobs", ["created_at"])
+    op.create_index("ix_jobs_status_lease", "jobs", ["status", "lease_expires_at"])
 
 
 def downgrade() -> None:

@@ -1,0 +1,71 @@
+"""Keeping running jobs' leases alive, and reaping the ones whose worker died.
+
+Every worker process runs one keeper thread: it renews the leases of the attempts running in
+that process and, on the same beat, requeues jobs anywhere whose lease ran out. Reaping is one
+guarded UPDATE, so any number of workers can do it at once without double-requeueing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from producer import broker, jobs
+from producer.db import session_scope
+from producer.errors import TransientError
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, settings: Settings, celery: Celery) -> None:
+        self._settings = settings
+        self._celery = celery
+        self._owned: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backdrop-leases", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def hold(self, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._owned.add((job_id, attempt))
+
+    def drop(self, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._owned.discard((job_id, attempt))
+
+    def beat(self) -> jobs.Reaped:
+        """Renew what this process holds, then reap and requeue what nobody holds."""
+        with self._lock:
+            owned = sorted(self._owned)
+        url = self._settings.database_url
+        with session_scope(url) as session:
+            jobs.renew(session, owned, self._settings.job_lease_s)
+        with session_scope(url) as session:
+            reaped = jobs.reap(session, self._settings.max_attempts)
+        if reaped.requeued:
+            log.warning("requeueing %d jobs whose worker died", len(reaped.requeued))
+            broker.enqueue(self._celery, reaped.requeued)
+        for job_id in reaped.lost:
+            log.error("job %s failed with worker_lost: it killed every worker it ran on", job_id)
+        return reaped
+
+    def _run(self) -> None:
+        interval = self._settings.job_lease_s / 3
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except TransientError as exc:
+                log.warning("lease beat skipped: %s", exc)
+            except Exception:
+                log.exception("lease beat failed")
