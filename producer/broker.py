@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu import Queue
 
 from producer.request import Queue as QueueName
 from producer.settings import Settings, get_settings
@@ -30,15 +30,15 @@ def make_celery(settings: Settings) -> Celery:
     }
     if settings.embedded_broker:
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options.update(
             data_folder_in=str(folder / "queue"),
             data_folder_out=str(folder / "queue"),
             processed_folder=str(folder / "processed"),
+            control_folder=str(folder / "control"),
             store_processed=False,
         )
-    exchange = Exchange("backdrop", type="direct")
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -52,9 +52,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name, exchange, routing_key=name) for name in QUEUE_NAMES],
+        task_queues=[Queue(name, routing_key=name) for name in QUEUE_NAMES],
         task_default_queue=QueueName.INTERACTIVE.value,
-        task_default_exchange="backdrop",
         task_default_routing_key=QueueName.INTERACTIVE.value,
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
@@ -82,6 +81,8 @@ def enqueue(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:
                 task_id=job_id,
                 queue=queue,
                 routing_key=queue,
-                exchange="backdrop",
+                # The default exchange routes straight to the list named by the routing key:
+                # no binding table to look up per message, and none to lose if Redis restarts.
+                exchange="",
                 producer=producer,
             )

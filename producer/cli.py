@@ -268,6 +268,37 @@ def worker(
     run_worker(settings, queues=queues.split(","), concurrency=concurrency, loglevel=loglevel)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def stats(as_json: bool) -> None:
+    """Job counts, throughput, latency percentiles, failures, queue depth and workers."""
+    from producer.stats import collect, format_stats
+
+    result = collect(get_settings())
+    click.echo(json.dumps(result, indent=2) if as_json else format_stats(result))
+
+
+@cli.command()
+@click.option("--host", help="interface to listen on [default: BACKDROP_API_HOST or 127.0.0.1]")
+@click.option("--port", type=click.IntRange(1, 65535), help="[default: BACKDROP_API_PORT or 8000]")
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    default=None,
+    help="serve without BACKDROP_API_TOKENS: anyone who reaches the port may use the API",
+)
+@reports_errors
+def api(host: str | None, port: int | None, insecure_no_auth: bool | None) -> None:
+    """Serve the HTTP API, /metrics and the dashboard (bearer-token auth)."""
+    configure(api_insecure_no_auth=insecure_no_auth)
+    from producer.api import serve
+    from producer.logs import configure as configure_logging
+
+    configure_logging("INFO")
+    serve(host, port)
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     broker_url: str = ""
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Short connect timeout: an unreachable store should fail a job attempt fast (it is
+    # retried); the read timeout bounds a stalled transfer of a large photo or weights file.
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_read_timeout_s: float = Field(default=60.0, gt=0)
+    # botocore "standard" retry mode attempts, first try included.
+    s3_max_attempts: int = Field(default=4, ge=1, le=20)
     output_prefix: str = ""
     # Where `backdrop submit LOCAL_FILE` uploads a plain local file before queueing it.
     input_prefix: str = ""
@@ -41,6 +47,16 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=100_000_000, ge=1)
 
     api_tokens: CommaList = Field(default_factory=list)
+    # With no tokens the API refuses to start unless this is set: an open API must be a choice.
+    api_insecure_no_auth: bool = False
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    # Jobs per POST /v1/jobs: bounds the memory and the transaction one request may take.
+    api_max_batch: int = Field(default=10_000, ge=1)
+    # The dashboard's thumbnails stream the stored image as is (no Pillow in the producer).
+    api_thumbnail_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    # Where a worker serves its Prometheus metrics; None: not served.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # Longest a job may run before the broker hands its message to another worker.
     visibility_timeout_s: int = Field(default=3600, ge=60)

@@ -140,3 +140,91 @@ def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "deeplabv3_mobilenet_v3_large-random.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+# --- S3: moto's server as a real HTTP endpoint on loopback ------------------------------
+
+# Dummy credentials: moto accepts any, and a real profile on the machine must never be used.
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers_http(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        return True  # an error status is still an answer
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Yields the endpoint URL of a moto S3 server subprocess; AWS creds are set for the
+    session. A subprocess (a Celery worker) gets the same via the `s3_env` fixture."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        poll_until(
+            lambda: server.poll() is not None or _answers_http(endpoint),
+            timeout=30,
+            what=f"moto S3 server at {endpoint}",
+        )
+        if server.poll() is not None:
+            pytest.fail(f"moto server exited at start:\n{log_path.read_text()[-2000:]}")
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+                env.delenv(name, raising=False)
+            for name, value in S3_TEST_CREDENTIALS.items():
+                env.setenv(name, value)
+            yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server: str) -> dict[str, str]:
+    """Environment for a subprocess that must reach the test S3 endpoint (merge into os.environ)."""
+    return {**S3_TEST_CREDENTIALS, "BACKDROP_S3_ENDPOINT_URL": s3_server}
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, uniquely named, empty bucket on the test S3 endpoint."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1"
+    ).create_bucket(Bucket=name)
+    return name

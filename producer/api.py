@@ -1,0 +1,404 @@
+"""The HTTP API (`backdrop api`): jobs, stats, Prometheus metrics, health and the dashboard.
+
+Auth: every route but /healthz, /metrics and the dashboard page itself needs
+`Authorization: Bearer <token>` with one of BACKDROP_API_TOKENS. The dashboard page holds no
+data; its script calls the authenticated endpoints with a token it takes from the URL
+fragment (`/dashboard#token=…`, never sent to the server, so never in access logs) or from a
+prompt, and keeps it in the tab's sessionStorage. With no tokens configured the API refuses
+to start unless BACKDROP_API_INSECURE_NO_AUTH=true (`backdrop api --insecure-no-auth`).
+
+The Client does blocking I/O (SQL, Redis, storage), so the endpoints are plain `def`s that
+FastAPI runs in its threadpool.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from producer import stats
+from producer.client import Client
+from producer.db import session_scope
+from producer.errors import (
+    AccessDenied,
+    BackdropError,
+    BackgroundNotFound,
+    InputNotFound,
+    InputTooLarge,
+    InvalidRequest,
+    InvalidTransition,
+    JobNotFound,
+    PermanentError,
+    TransientError,
+)
+from producer.metrics import ApiMetrics
+from producer.request import JobRequest, parse_request
+from producer.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Unauthorized(BackdropError):
+    code = "unauthorized"
+
+
+class BatchTooLarge(InvalidRequest):
+    code = "batch_too_large"
+
+
+class ApiMisconfigured(BackdropError):
+    code = "api_misconfigured"
+
+
+# First match wins, so subclasses come before their bases.
+ERROR_STATUS: tuple[tuple[type[BackdropError], int], ...] = (
+    (Unauthorized, 401),
+    (AccessDenied, 403),
+    (JobNotFound, 404),
+    (InputNotFound, 404),
+    (BackgroundNotFound, 404),
+    (InvalidTransition, 409),
+    (BatchTooLarge, 413),
+    (InputTooLarge, 413),
+    (PermanentError, 422),
+    (TransientError, 503),
+)
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+)
+# Inline script and style only; thumbnails arrive as blob: URLs fetched with the token.
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def create_app(settings: Settings | None = None, *, client: Client | None = None) -> FastAPI:
+    """The API over `settings`' database, broker and storage."""
+    settings = settings or get_settings()
+    if not settings.api_tokens and not settings.api_insecure_no_auth:
+        raise ApiMisconfigured(
+            "no API tokens: set BACKDROP_API_TOKENS, or BACKDROP_API_INSECURE_NO_AUTH=true "
+            "(--insecure-no-auth) to run the API open to anyone who can reach it"
+        )
+    if not settings.api_tokens:
+        log.warning("the API runs WITHOUT authentication (insecure-no-auth)")
+    client = client or Client(settings)
+    metrics = ApiMetrics(lambda: _scrape_stats(settings))
+    app = FastAPI(
+        title="Backdrop",
+        summary="Queue-based background removal, replacement, blur and desaturation",
+        version="0.1.0",
+    )
+    _add_error_handlers(app)
+    _add_request_metrics(app, metrics)
+    authenticated = [Depends(BearerAuth(settings.api_tokens))]
+    _add_job_routes(app, client, settings, metrics, authenticated)
+    _add_ops_routes(app, settings, metrics, authenticated)
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None) -> None:
+    """Run the API with uvicorn until interrupted (`backdrop api`)."""
+    import uvicorn
+
+    settings = get_settings()
+    app = create_app(settings)
+    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port)
+
+
+# --- auth --------------------------------------------------------------------------------
+
+
+class BearerAuth:
+    """The dependency every authenticated route carries."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = [token.encode() for token in tokens]
+
+    async def __call__(
+        self,
+        credentials: Annotated[
+            HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
+        ],
+    ) -> None:
+        if not self._tokens:  # insecure-no-auth, refused at create_app unless chosen
+            return
+        if credentials is None:
+            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        if not self._matches(credentials.credentials.encode()):
+            raise Unauthorized("invalid bearer token")
+
+    def _matches(self, given: bytes) -> bool:
+        # Compare against every token, matched or not, so timing reveals neither which
+        # token nor how much of one matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(given, token)
+        return matched
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def status_for(exc: BackdropError) -> int:
+    return next((status for kind, status in ERROR_STATUS if isinstance(exc, kind)), 500)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BackdropError)
+    async def backdrop_error(_request: Request, exc: BackdropError) -> JSONResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.warning("request failed: %s", exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        return error_response(status, exc.code, exc.message, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, InvalidRequest.code, _describe(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal", "internal error; see the API's log")
+
+
+def _describe(errors: Any) -> str:
+    problems = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            # Its loc ends in a character offset, not a field: say so plainly.
+            detail = error.get("ctx", {}).get("error", "decode error")
+            problems.append(f"body: malformed JSON ({detail})")
+            continue
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems) or "invalid request"
+
+
+# --- request metrics ---------------------------------------------------------------------
+
+
+def _add_request_metrics(app: FastAPI, metrics: ApiMetrics) -> None:
+    @app.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            # The route template, not the path: job ids would explode the label set.
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.observe_request(request.method, route, status, time.perf_counter() - started)
+
+
+def _scrape_stats(settings: Settings) -> tuple[dict[str, dict[str, int]], dict[str, int] | None]:
+    with session_scope(settings.database_url) as session:
+        by_queue = stats.counts_by_queue(session)
+    return by_queue, stats.queue_depths(settings, [])
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+JobsBody = Annotated[
+    Any,
+    Body(
+        description="One job request, or a list of them (at most api_max_batch).",
+        examples=[{"input": "s3://photos/cat.jpg", "effect": "remove"}],
+    ),
+]
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    # Swagger UI cannot follow pydantic's local "#/$defs/…" references inside a request body.
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    return node
+
+
+def _jobs_body_schema(max_batch: int) -> dict[str, Any]:
+    schema = JobRequest.model_json_schema()
+    one = _inline_refs(schema, schema.get("$defs", {}))
+    many = {"type": "array", "items": one, "maxItems": max_batch}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"oneOf": [one, many]}}},
+        }
+    }
+
+
+def _add_job_routes(
+    app: FastAPI,
+    client: Client,
+    settings: Settings,
+    metrics: ApiMetrics,
+    authenticated: list[Any],
+) -> None:
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        dependencies=authenticated,
+        tags=["jobs"],
+        openapi_extra=_jobs_body_schema(settings.api_max_batch),
+    )
+    def submit_jobs(body: JobsBody) -> JSONResponse:
+        """Queue one job (→ its record) or a list of jobs (→ the list of records)."""
+        requests = _parse_batch(body, settings.api_max_batch)
+        records = client.submit_many(requests)
+        metrics.observe_submitted(record["queue"] for record in records)
+        return JSONResponse(records if isinstance(body, list) else records[0], status_code=202)
+
+    @app.get("/v1/jobs", dependencies=authenticated, tags=["jobs"])
+    def list_jobs(
+        status: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: str | None = None,
+    ) -> JSONResponse:
+        """Jobs newest first; pass `next_cursor` back as `cursor` for the next page."""
+        records, next_cursor = client.list(status=status, limit=limit, cursor=decode_cursor(cursor))
+        return JSONResponse({"jobs": records, "next_cursor": encode_cursor(next_cursor)})
+
+    @app.get("/v1/jobs/{job_id}", dependencies=authenticated, tags=["jobs"])
+    def get_job(job_id: str) -> JSONResponse:
+        return JSONResponse(client.get(job_id))
+
+    @app.post("/v1/jobs/{job_id}/retry", dependencies=authenticated, tags=["jobs"])
+    def retry_job(job_id: str) -> JSONResponse:
+        """failed → queued (409 otherwise)."""
+        return JSONResponse(client.retry(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=authenticated, tags=["jobs"])
+    def cancel_job(job_id: str) -> JSONResponse:
+        """queued → canceled (409 otherwise)."""
+        return JSONResponse(client.cancel(job_id))
+
+    @app.get("/v1/jobs/{job_id}/thumbnail", dependencies=authenticated, tags=["jobs"])
+    def job_image(job_id: str, which: Literal["input", "output"] = "output") -> Response:
+        """The job's input or output image, as stored (the browser scales it down)."""
+        record = client.get(job_id)
+        if which == "output" and record["status"] != "succeeded":
+            raise JobNotFound(f"job {job_id} has no output yet ({record['status']})")
+        data = client.storage.read(record[which], max_bytes=settings.api_thumbnail_max_bytes)
+        return Response(
+            data,
+            media_type=image_type(data),
+            headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
+
+
+def _parse_batch(body: Any, limit: int) -> list[JobRequest]:
+    if isinstance(body, dict):
+        return [parse_request(body)]
+    if not isinstance(body, list):
+        raise InvalidRequest("body: expected a job request object or a list of them")
+    if len(body) > limit:
+        raise BatchTooLarge(f"{len(body)} jobs in one request; at most {limit}")
+    requests = []
+    for index, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"body[{index}]: expected a job request object")
+        try:
+            requests.append(parse_request(item))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"body[{index}]: {exc.message}") from None
+    return requests
+
+
+def encode_cursor(cursor: str | None) -> str | None:
+    """The Client's cursor, made opaque and URL-safe."""
+    if cursor is None:
+        return None
+    return base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> str | None:
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("malformed cursor; pass back a next_cursor unchanged") from None
+
+
+def image_type(data: bytes) -> str:
+    for signature, media_type in IMAGE_SIGNATURES:
+        if data.startswith(signature):
+            return media_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+# --- stats, metrics, health, dashboard ---------------------------------------------------
+
+
+def _add_ops_routes(
+    app: FastAPI, settings: Settings, metrics: ApiMetrics, authenticated: list[Any]
+) -> None:
+    dashboard = resources.files("producer").joinpath("dashboard.html").read_text("utf-8")
+
+    @app.get("/v1/stats", dependencies=authenticated, tags=["ops"])
+    def get_stats() -> JSONResponse:
+        """Counts, throughput, latency percentiles, failures, queue depth, live workers."""
+        return JSONResponse(stats.collect(settings))
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> JSONResponse:
+        """200 when the database answers, 503 when it does not."""
+        try:
+            with session_scope(settings.database_url) as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:  # whatever the failure, the answer is "not healthy"
+            log.warning("health check failed: %s", exc)
+            return error_response(503, "database_unavailable", "the database does not answer")
+        return JSONResponse({"status": "ok", "database": "ok"})
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/dashboard", include_in_schema=False)
+    def dashboard_page() -> HTMLResponse:
+        return HTMLResponse(
+            dashboard,
+            headers={"Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-cache"},
+        )

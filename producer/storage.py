@@ -1,0 +1,502 @@
+"""Object storage: one interface over `s3://bucket/key` and confined `file:///abs/path` locations.
+
+S3 means any S3-compatible store (AWS, MinIO, SeaweedFS, …) at `Settings.s3_endpoint_url`,
+addressed path-style and authenticated by the standard AWS credential variables. Local files are
+confined to `Settings.local_roots` by real path, so neither `..` nor a symlink can escape them.
+No other scheme is ever fetched: a location is user input, and an http:// reader would be an
+SSRF hole.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+from urllib.parse import quote, unquote
+
+from producer.errors import (
+    AccessDenied,
+    BackdropError,
+    InputNotFound,
+    InputTooLarge,
+    InvalidRequest,
+    StorageUnavailable,
+    UnsupportedFormat,
+)
+from producer.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+# Our own half-written files: named so that listings can skip them.
+TEMP_PREFIX = ".backdrop-tmp-"
+# Job threads of one worker share the client; botocore's default pool of 10 would make them
+# queue for (and log warnings about) connections.
+S3_MAX_POOL_CONNECTIONS = 32
+S3_MAX_KEY_BYTES = 1024
+
+# Lenient enough for legacy us-east-1 names; strict enough that no host, port, userinfo or
+# path can be smuggled in through the bucket.
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_USERINFO = re.compile(r"://[^/@\s]+@")
+
+_CONTENT_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+}
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "Forbidden",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ServiceUnavailable",
+    "InternalError",
+}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or head returns.
+
+    `etag` is the store's ETag without its quotes for S3. For a file it is
+    `<size hex>-<mtime_ns hex>`: no hashing of large files, and it changes whenever the file
+    is rewritten (an atomic write always brings a new mtime), which is what callers use it for.
+    """
+
+    location: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class _S3Object:
+    bucket: str
+    key: str
+
+    @property
+    def location(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.key}"
+
+
+def join(prefix: str, name: str) -> str:
+    """The location of `name` under the prefix location (with or without a trailing slash)."""
+    name = name.lstrip("/")
+    if prefix.startswith(FILE_SCHEME):
+        # file:// locations are URIs: a space or % in a file name must survive the round trip.
+        name = quote(name, safe="/")
+    return prefix + name if prefix.endswith("/") else f"{prefix}/{name}"
+
+
+def content_type_for(fmt: str) -> str:
+    try:
+        return _CONTENT_TYPES[fmt.lower()]
+    except KeyError:
+        raise UnsupportedFormat(f"no content type for format {fmt!r}") from None
+
+
+def _redact(text: str) -> str:
+    return _USERINFO.sub("://***@", text)
+
+
+def _parse_s3(location: str, *, prefix: bool) -> _S3Object:
+    bucket, _, key = location[len(S3_SCHEME) :].partition("/")
+    if not _BUCKET.match(bucket):
+        raise InvalidRequest(f"malformed S3 location {location!r}: bad bucket name")
+    if not key and not prefix:
+        raise InvalidRequest(f"malformed S3 location {location!r}: no key")
+    if "\x00" in key or len(key.encode()) > S3_MAX_KEY_BYTES:
+        raise InvalidRequest(f"malformed S3 location {location!r}: bad key")
+    return _S3Object(bucket, key)
+
+
+def _parse_file(location: str) -> PurePosixPath:
+    rest = location[len(FILE_SCHEME) :]
+    if not rest.startswith("/"):
+        # file://host/… names another machine; only the empty host (file:///) is local.
+        raise InvalidRequest(f"malformed file location {location!r}: use file:///absolute/path")
+    path = PurePosixPath(unquote(rest))
+    if "\x00" in str(path):
+        raise InvalidRequest(f"malformed file location {location!r}")
+    if ".." in path.parts:
+        raise AccessDenied(f"{location}: '..' is not allowed in file locations")
+    return path
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _file_etag(st: os.stat_result) -> str:
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class Storage:
+    """Reads and writes locations; every call enforces the bucket allow-list and local roots."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._allowed_buckets = frozenset(settings.allowed_buckets)
+        self._roots = tuple(Path(os.path.realpath(root)) for root in settings.local_roots)
+        self._client_lock = threading.Lock()
+        self._client_instance: Any = None
+
+    # --- public interface ----------------------------------------------------------------
+
+    def check_allowed(self, location: str) -> None:
+        """Raise AccessDenied or InvalidRequest unless this process may touch `location`."""
+        self._resolve(location, prefix=False)
+
+    def read(self, location: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; InputNotFound if missing, InputTooLarge past `max_bytes`."""
+        target = self._resolve(location, prefix=False)
+        if isinstance(target, _S3Object):
+            return self._s3_read(target, max_bytes)
+        return _file_read(location, target, max_bytes)
+
+    def write(self, location: str, data: bytes, *, content_type: str) -> None:
+        target = self._resolve(location, prefix=False)
+        if isinstance(target, _S3Object):
+            with self._s3_errors(target.location):
+                self._client.put_object(
+                    Bucket=target.bucket, Key=target.key, Body=data, ContentType=content_type
+                )
+            return
+        with _file_errors(location):
+            _write_atomically(target, lambda out: out.write(data))
+
+    def head(self, location: str) -> ObjectInfo:
+        target = self._resolve(location, prefix=False)
+        if isinstance(target, _S3Object):
+            with self._s3_errors(target.location):
+                response = self._client.head_object(Bucket=target.bucket, Key=target.key)
+            return ObjectInfo(
+                location=target.location,
+                size=int(response["ContentLength"]),
+                etag=response.get("ETag", "").strip('"'),
+            )
+        with _file_errors(location):
+            st = target.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputNotFound(f"{location} is not a file")
+        return ObjectInfo(location=target.as_uri(), size=st.st_size, etag=_file_etag(st))
+
+    def exists(self, location: str) -> bool:
+        try:
+            self.head(location)
+        except InputNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str, *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Objects whose location starts with `prefix`, sorted by key, fetched page by page.
+
+        A file prefix that names a directory lists that directory's tree; otherwise it matches
+        file names in its parent directory that start with its last part. Symlinks are skipped:
+        following them could leave the roots or loop.
+        """
+        target = self._resolve(prefix, prefix=True)
+        if isinstance(target, _S3Object):
+            return self._s3_list(target, page_size)
+        return self._file_list(prefix, target)
+
+    def download_file(self, location: str, path: Path) -> None:
+        """Stream an object into a local file (model weights: large, so never held in memory)."""
+        target = self._resolve(location, prefix=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(target, _S3Object):
+            # boto3 downloads into a temporary name and renames it on success.
+            with self._s3_errors(target.location):
+                self._client.download_file(target.bucket, target.key, str(path))
+            return
+        with _file_errors(location), target.open("rb") as source:
+            _write_atomically(path, lambda out: shutil.copyfileobj(source, out))
+
+    def upload_file(self, path: Path, location: str) -> None:
+        """Upload a plain local file (given to the CLI) to a location."""
+        target = self._resolve(location, prefix=False)
+        if not path.is_file():
+            raise InputNotFound(f"{path} is not a file")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if isinstance(target, _S3Object):
+            with self._s3_errors(target.location):
+                self._client.upload_file(
+                    str(path), target.bucket, target.key, ExtraArgs={"ContentType": content_type}
+                )
+            return
+        with _file_errors(location), path.open("rb") as source:
+            _write_atomically(target, lambda out: shutil.copyfileobj(source, out))
+
+    # --- locations and confinement -------------------------------------------------------
+
+    def _resolve(self, location: str, *, prefix: bool) -> _S3Object | Path:
+        if not isinstance(location, str):
+            raise InvalidRequest(f"a location must be a string, got {type(location).__name__}")
+        if location.startswith(S3_SCHEME):
+            target = _parse_s3(location, prefix=prefix)
+            if self._allowed_buckets and target.bucket not in self._allowed_buckets:
+                raise AccessDenied(f"bucket {target.bucket!r} is not in the allowed buckets")
+            return target
+        if location.startswith(FILE_SCHEME):
+            # The real path: symlinks anywhere along it are followed before the roots compare.
+            real = Path(os.path.realpath(_parse_file(location)))
+            if not any(_within(real, root) for root in self._roots):
+                raise AccessDenied(f"{location} is outside the allowed local roots")
+            return real
+        scheme = location.partition("://")[0] if "://" in location else "no scheme"
+        raise InvalidRequest(
+            f"unsupported location {location[:200]!r} ({scheme}): use s3://bucket/key "
+            "or file:///absolute/path"
+        )
+
+    # --- S3 ------------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> Any:
+        # Built on first S3 use (the embedded default never needs it), once per Storage:
+        # clients are thread-safe, building one is not cheap, and sessions are not thread-safe.
+        with self._client_lock:
+            if self._client_instance is None:
+                self._client_instance = _build_client(self._settings)
+            return self._client_instance
+
+    @contextmanager
+    def _s3_errors(self, location: str) -> Iterator[None]:
+        try:
+            yield
+        except BackdropError:
+            raise
+        except Exception as exc:
+            error = _translate(exc, location)
+            log.debug("S3 call for %s failed: %s", location, error)
+            raise error from None
+
+    def _s3_read(self, target: _S3Object, max_bytes: int | None) -> bytes:
+        with self._s3_errors(target.location):
+            response = self._client.get_object(Bucket=target.bucket, Key=target.key)
+            body = response["Body"]
+            try:
+                size = response.get("ContentLength")
+                # The headers say how big it is: refuse before a byte of the body moves.
+                if max_bytes is not None and size is not None and size > max_bytes:
+                    raise _too_large(target.location, size, max_bytes)
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            finally:
+                body.close()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large(target.location, len(data), max_bytes)
+        return data
+
+    def _s3_list(self, target: _S3Object, page_size: int) -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=target.bucket,
+            Prefix=target.key,
+            PaginationConfig={"PageSize": page_size},
+        )
+        with self._s3_errors(f"{S3_SCHEME}{target.bucket}/{target.key}"):
+            # S3 returns keys in UTF-8 binary order, which is the order promised here.
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(
+                        location=f"{S3_SCHEME}{target.bucket}/{item['Key']}",
+                        size=int(item["Size"]),
+                        etag=item.get("ETag", "").strip('"'),
+                    )
+
+    # --- files ---------------------------------------------------------------------------
+
+    def _file_list(self, prefix: str, target: Path) -> Iterator[ObjectInfo]:
+        names_a_directory = prefix.endswith("/") or target.is_dir()
+        start = target if names_a_directory else target.parent
+        match = f"{target}/" if names_a_directory else str(target)
+        if not any(_within(start, root) for root in self._roots):
+            return
+        with _file_errors(prefix):
+            yield from _walk_sorted(start, match)
+
+
+def _build_client(settings: Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=settings.s3_region,
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
+        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        max_pool_connections=S3_MAX_POOL_CONNECTIONS,
+        # Path-style: MinIO and SeaweedFS behind a plain host name have no per-bucket DNS.
+        s3={"addressing_style": "path"},
+        # botocore >= 1.36 adds CRC checksums to every upload by default; several
+        # S3-compatible stores reject or mishandle them. Only send them where S3 requires.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    # boto3.client() goes through the default session, which is not thread-safe to build.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+
+
+def _too_large(location: str, size: int, max_bytes: int) -> InputTooLarge:
+    return InputTooLarge(f"{location} is {size} bytes; the limit is {max_bytes}")
+
+
+def _translate(exc: BaseException, location: str) -> BackdropError:
+    """Map a boto3/botocore failure to our error codes (messages never carry credentials)."""
+    from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, S3UploadFailedError | S3TransferFailedError):
+        # s3transfer wraps the ClientError that says what actually went wrong.
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and cause is not exc:
+            return _translate(cause, location)
+    if isinstance(exc, ClientError):
+        return _translate_client_error(exc, location)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return AccessDenied(
+            f"{location}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
+    if isinstance(exc, ParamValidationError):
+        return InvalidRequest(f"{location}: {_redact(str(exc))}")
+    if isinstance(exc, RetriesExceededError):
+        return StorageUnavailable(f"{location}: transfer failed after retries")
+    # Connection refused, timeouts, a connection cut mid-body, …: the store may come back.
+    return StorageUnavailable(
+        f"{location}: S3 unreachable ({type(exc).__name__}: {_redact(str(exc))})"
+    )
+
+
+def _translate_client_error(exc: Any, location: str) -> BackdropError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    detail = _redact(str(error.get("Message") or code))
+    if code == "NoSuchBucket":
+        bucket = location[len(S3_SCHEME) :].partition("/")[0]
+        return InputNotFound(f"{location}: bucket {bucket!r} does not exist")
+    if code in _NOT_FOUND_CODES or status == 404:
+        return InputNotFound(f"{location} does not exist")
+    if code in _DENIED_CODES or status == 403:
+        return AccessDenied(f"{location}: access denied by the store ({code})")
+    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        return StorageUnavailable(f"{location}: the store failed ({code}: {detail})")
+    return InvalidRequest(f"{location}: the store refused the request ({code}: {detail})")
+
+
+# --- local files -------------------------------------------------------------------------
+
+
+@contextmanager
+def _file_errors(location: str) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputNotFound(f"{location} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidRequest(f"{location} is a directory") from None
+    except PermissionError:
+        raise AccessDenied(f"{location}: permission denied") from None
+    except OSError as exc:
+        # A full disk or an I/O error: nothing about the request itself is wrong.
+        raise StorageUnavailable(f"{location}: {exc.strerror or exc}") from None
+
+
+def _file_read(location: str, path: Path, max_bytes: int | None) -> bytes:
+    with _file_errors(location), path.open("rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InputNotFound(f"{location} is not a file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(location, st.st_size, max_bytes)
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(location, len(data), max_bytes)
+    return data
+
+
+def _write_atomically(target: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    """Write through a temporary file in the same directory, then rename over the target:
+    readers see the old file or the new one, never half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        # mkstemp makes the file private; outputs are meant to be read by others.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _walk_sorted(directory: Path, match: str) -> Iterator[ObjectInfo]:
+    """Regular files under `directory` whose path starts with `match`, in key order.
+
+    Siblings sort by name with a "/" after directory names: exactly the order of the full
+    path strings, so the walk stays lazy yet matches S3's lexicographic listing.
+    """
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(
+                scan, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        path = f"{directory}/{entry.name}" if str(directory) != "/" else f"/{entry.name}"
+        if entry.is_symlink() or entry.name.startswith(TEMP_PREFIX):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            subtree = path + "/"
+            if subtree.startswith(match) or match.startswith(subtree):
+                yield from _walk_sorted(Path(path), match)
+        elif entry.is_file(follow_symlinks=False) and path.startswith(match):
+            st = entry.stat(follow_symlinks=False)
+            yield ObjectInfo(location=Path(path).as_uri(), size=st.st_size, etag=_file_etag(st))
+
+
+_cached: tuple[Settings, Storage] | None = None
+_cached_lock = threading.Lock()
+
+
+def get_storage() -> Storage:
+    """This process's Storage, rebuilt only when the settings object is replaced."""
+    global _cached
+    settings = get_settings()
+    with _cached_lock:
+        if _cached is None or _cached[0] is not settings:
+            _cached = (settings, Storage(settings))
+        return _cached[1]

@@ -1,0 +1,182 @@
+"""docker-compose.yml: valid against the Compose Specification, and production-shaped.
+
+No Docker engine runs the file here, so the schema and these checks are what stands between
+a typo and a stack that does not come up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+from tests.conftest import require_service
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, str]:
+    """depends_on as {service: condition}, whichever of its two forms the file uses."""
+    value = service.get("depends_on", {})
+    if isinstance(value, list):
+        return {name: "service_started" for name in value}
+    return {name: spec.get("condition", "service_started") for name, spec in value.items()}
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose: dict[str, Any]) -> None:
+    require_service("Compose schema", SCHEMA_FILE.is_file(), str(SCHEMA_FILE))
+
+    validator = Draft7Validator(json.loads(SCHEMA_FILE.read_text()))
+    problems = [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+        for error in validator.iter_errors(compose)
+    ]
+    assert problems == []
+
+
+def test_compose_file_uses_no_obsolete_version_key(compose: dict[str, Any]) -> None:
+    assert "version" not in compose
+
+
+def test_every_service_has_a_healthcheck_or_is_a_one_shot(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        healthcheck = service.get("healthcheck", {})
+        checked = bool(healthcheck.get("test")) and not healthcheck.get("disable", False)
+        one_shot = service.get("restart") == "no"
+        assert checked or one_shot, f"{name}: needs a healthcheck or restart: 'no'"
+
+
+def test_long_running_services_restart_by_themselves(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if service.get("restart") != "no":
+            assert service.get("restart") in {"always", "unless-stopped"}, name
+
+
+def test_redis_persists_with_an_append_only_file_on_a_named_volume(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    redis = services["redis"]
+    command = redis["command"]
+    arguments = " ".join(command) if isinstance(command, list) else command
+    assert re.search(r"--appendonly\s+yes", arguments)
+    volume, _, target = redis["volumes"][0].partition(":")
+    assert target == "/data"
+    assert volume in compose["volumes"]
+
+
+def test_worker_reserves_an_nvidia_gpu(services: dict[str, Any]) -> None:
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", [])
+        for device in devices
+    )
+
+
+def test_every_image_is_pinned_to_a_tag_other_than_latest(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        image = service.get("image")
+        if image is None:
+            assert "build" in service, f"{name}: neither image nor build"
+            continue
+        if "@sha256:" in image:
+            continue
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert tag != "latest", f"{name}: image {image!r} is not pinned"
+
+
+def test_worker_and_api_wait_for_the_migration_to_succeed(services: dict[str, Any]) -> None:
+    assert services["migrate"]["restart"] == "no"
+    for name in ("worker", "api"):
+        assert depends_on(services[name]).get("migrate") == "service_completed_successfully"
+
+
+def test_worker_waits_for_the_broker_and_the_store_to_be_healthy(services: dict[str, Any]) -> None:
+    conditions = depends_on(services["worker"])
+    assert conditions["redis"] == "service_healthy"
+    assert conditions["s3"] == "service_healthy"
+
+
+def test_one_shot_bucket_creation_waits_for_a_healthy_store(services: dict[str, Any]) -> None:
+    assert depends_on(services["s3-init"]) == {"s3": "service_healthy"}
+    assert services["s3-init"]["restart"] == "no"
+
+
+def test_every_dependency_names_a_service(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        assert set(depends_on(service)) <= set(services), name
+
+
+def test_every_named_volume_is_declared(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
+            if source and not source.startswith((".", "/")):
+                assert source in compose.get("volumes", {}), f"{name}: {source}"
+
+
+def test_every_bind_mounted_file_exists(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
+            if source and source.startswith("."):
+                assert (REPO / source).exists(), f"{name}: {source}"
+
+
+def test_every_dockerfile_exists_and_pins_its_base_image(services: dict[str, Any]) -> None:
+    builds = [service["build"] for service in services.values() if "build" in service]
+    assert builds
+    for build in builds:
+        dockerfile = REPO / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.is_file(), dockerfile
+        bases = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+        assert bases, dockerfile
+        for base in bases:
+            assert ":" in base and not base.endswith(":latest"), f"{dockerfile}: {base}"
+
+
+def test_images_run_as_a_non_root_user() -> None:
+    for dockerfile in (REPO / "infra").glob("*.Dockerfile"):
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+        assert users and users[-1] not in {"root", "0"}, dockerfile
+
+
+def test_api_image_installs_no_torch() -> None:
+    text = (REPO / "infra" / "api.Dockerfile").read_text()
+    assert "torch" not in re.sub(r"#.*", "", text)
+    assert "[worker" not in text
+
+
+def test_services_share_one_backdrop_environment(services: dict[str, Any]) -> None:
+    required = {
+        "BACKDROP_DATABASE_URL",
+        "BACKDROP_BROKER_URL",
+        "BACKDROP_S3_ENDPOINT_URL",
+        "BACKDROP_OUTPUT_PREFIX",
+        "BACKDROP_ALLOWED_BUCKETS",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    environments = [services[name]["environment"] for name in ("worker", "api", "migrate")]
+    for environment in environments:
+        assert required <= set(environment)
+        assert environment["BACKDROP_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert environment["BACKDROP_BROKER_URL"] == "redis://redis:6379/0"
+    assert len({env["BACKDROP_DATABASE_URL"] for env in environments}) == 1

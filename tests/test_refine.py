@@ -1,0 +1,70 @@
+"""refine_mask: the model's coarse mask, upsampled and snapped to the photo's edges."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from worker.refine import refine_mask
+
+
+def step_scene(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A textured photo split by a slanted edge, its true alpha, and a model-like coarse mask."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:height, 0:width]
+    truth = (xx < width * 0.45 + (yy - height / 2) * 0.2).astype(np.float32)
+    noise = rng.normal(0, 6, (height, width, 3))
+    left, right = np.array([200, 170, 60]), np.array([40, 70, 150])
+    guide = truth[:, :, None] * left + (1 - truth[:, :, None]) * right + noise
+    guide = np.clip(guide, 0, 255).astype(np.uint8)
+    # What DeepLabV3 sees: 1/8 of a ~520 px input, handed over as a low-res soft map.
+    model_w, model_h = 520 * width // height, 520
+    coarse = cv2.resize(truth, (model_w // 8, model_h // 8), interpolation=cv2.INTER_AREA)
+    soft = cv2.resize(coarse, (model_w, model_h), interpolation=cv2.INTER_LINEAR)
+    return guide, truth, soft
+
+
+def test_refine_returns_full_resolution_uint8_alpha() -> None:
+    guide, _, soft = step_scene(300, 200)
+    alpha = refine_mask(soft, guide)
+    assert alpha.shape == (200, 300)
+    assert alpha.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [(480, 320), (2400, 1600)], ids=["thumbnail", "4MP"])
+def test_refine_snaps_a_roughly_followed_edge_closer_than_bilinear_upsampling(size) -> None:
+    width, height = size
+    guide, truth, soft = step_scene(width, height)
+    refined = refine_mask(soft, guide).astype(np.float32) / 255
+    bilinear = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)
+    refined_error = np.abs(refined - truth).mean()
+    bilinear_error = np.abs(bilinear - truth).mean()
+    assert refined_error < 0.5 * bilinear_error
+
+
+def test_refine_is_deterministic() -> None:
+    guide, _, soft = step_scene(300, 200)
+    assert np.array_equal(refine_mask(soft, guide), refine_mask(soft, guide))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.0, 0), (1.0, 255)])
+def test_constant_masks_stay_constant(photo_paths, value: float, expected: int) -> None:
+    from PIL import Image
+
+    guide = np.asarray(Image.open(photo_paths["astronaut"]).convert("RGB"))
+    soft = np.full((64, 64), value, np.float32)
+    alpha = refine_mask(soft, guide)
+    assert alpha.shape == guide.shape[:2]
+    assert (alpha == expected).all()
+
+
+def test_refine_accepts_a_full_resolution_coarse_mask() -> None:
+    guide, truth, _ = step_scene(300, 200)
+    alpha = refine_mask(truth, guide)
+    assert np.abs(alpha.astype(np.float32) / 255 - truth).mean() < 0.02
+
+
+def test_refine_rejects_a_guide_that_is_not_rgb() -> None:
+    with pytest.raises(ValueError):
+        refine_mask(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))

@@ -1,0 +1,185 @@
+"""Segmenter: letterboxed batched inference into soft foreground maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+from torchvision.transforms.functional import normalize
+
+from producer.request import VOC_CLASSES
+from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+
+SIDE = 128
+PERSON = VOC_CLASSES.index("person")
+CAR = VOC_CLASSES.index("car")
+ALL_CLASSES = list(range(1, len(VOC_CLASSES)))
+
+
+def lively_mobilenet() -> torch.nn.Module:
+    """A random-init model whose output varies with the image.
+
+    Plain random init collapses every activation to ~0, so every map would be the same
+    constant and no comparison between maps could fail; BatchNorm statistics measured on
+    noise (as a data-dependent init) bring the activations back.
+    """
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, SIDE, SIDE))
+        model.classifier[4].weight.mul_(5)  # more contrast between classes and pixels
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return lively_mobilenet()
+
+
+@pytest.fixture(scope="module")
+def segmenter(model: torch.nn.Module) -> Segmenter:
+    return Segmenter(model, name="mobilenet", weights_id="test", device="cpu", input_size=SIDE)
+
+
+@pytest.fixture(scope="module")
+def person_only() -> Segmenter:
+    """A model rigged to say "person" everywhere: zero weights, a bias that picks the class."""
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    final = model.classifier[4]
+    with torch.no_grad():
+        final.weight.zero_()
+        final.bias.fill_(-10.0)
+        final.bias[PERSON] = 10.0
+    return Segmenter(model, name="rigged", weights_id="test", device="cpu", input_size=SIDE)
+
+
+def photo(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((300, 400), (96, 128)),  # landscape
+        ((400, 300), (128, 96)),  # portrait
+        ((3, 200), (2, 128)),  # a thin strip keeps at least one row
+        ((200, 3), (128, 2)),
+        ((50, 40), (128, 102)),  # small photos are enlarged to the model's size
+        ((128, 128), (128, 128)),
+    ],
+)
+def test_each_map_covers_the_image_content_at_model_resolution(
+    segmenter: Segmenter, size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    images = [photo(*size, seed=1), photo(64, 64, seed=2)]
+    maps = segmenter.predict(images, [[PERSON], ALL_CLASSES])
+    assert len(maps) == 2
+    assert maps[0].shape == expected
+    assert maps[1].shape == (SIDE, SIDE)
+    for mask in maps:
+        assert mask.dtype == np.float32
+        assert mask.min() >= 0.0 and mask.max() <= 1.0
+
+
+def test_a_twelve_megapixel_photo_gives_a_map_of_the_evaluation_size(
+    model: torch.nn.Module,
+) -> None:
+    segmenter = Segmenter(model, name="mobilenet", weights_id="test", device="cpu", input_size=520)
+    image = np.zeros((3000, 4000, 3), dtype=np.uint8)
+    (mask,) = segmenter.predict([image], [[PERSON]])
+    assert mask.shape == (390, 520)
+
+
+def test_an_images_map_does_not_depend_on_the_rest_of_its_batch(segmenter: Segmenter) -> None:
+    image = photo(90, 120, seed=3)
+    (alone,) = segmenter.predict([image], [[PERSON]])
+    others = [photo(128, 40, seed=4), photo(30, 30, seed=5), photo(200, 100, seed=6)]
+    batched = segmenter.predict([others[0], image, *others[1:]], [ALL_CLASSES, [PERSON], [1], [2]])
+    assert np.abs(batched[1] - alone).max() < 1e-4
+    # The maps do differ between images, so the comparison above could fail.
+    assert np.abs(batched[0][:64, :40] - batched[1][:64, :40]).max() > 1e-2
+
+
+def test_all_twenty_classes_sum_to_one_minus_the_background_probability(
+    segmenter: Segmenter, model: torch.nn.Module
+) -> None:
+    # A square image at the input size is neither resized nor padded, so the reference is the
+    # model's plain output. The tolerance allows for normalising in another float order, which
+    # this deliberately high-contrast model amplifies to ~1e-4 on a few pixels.
+    image = photo(SIDE, SIDE, seed=7)
+    (mask,) = segmenter.predict([image], [ALL_CLASSES])
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits = model(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD))["out"]
+    background = logits.softmax(dim=1)[0, 0].numpy()
+    np.testing.assert_allclose(mask, 1 - background, atol=1e-3)
+    assert mask.std() > 1e-3  # a real map, not a constant
+
+
+def test_selected_class_probabilities_add_up(segmenter: Segmenter) -> None:
+    image = photo(100, 128, seed=8)
+    person, car, both, every = segmenter.predict(
+        [image] * 4, [[PERSON], [CAR], [CAR, PERSON], ALL_CLASSES]
+    )
+    np.testing.assert_allclose(both, person + car, atol=1e-5)
+    assert (both <= every + 1e-6).all()
+    assert (both < every).any()
+
+
+def test_a_model_that_sees_only_people_keeps_people_and_drops_cars(person_only: Segmenter) -> None:
+    image = photo(80, 100, seed=9)
+    person, car = person_only.predict([image, image], [[PERSON], [CAR]])
+    assert person.min() > 0.999
+    assert car.max() < 0.001
+
+
+def test_an_empty_batch_gives_no_maps(segmenter: Segmenter) -> None:
+    assert segmenter.predict([], []) == []
+
+
+@pytest.mark.parametrize(
+    ("image", "classes", "complaint"),
+    [
+        (np.zeros((8, 8, 3), dtype=np.float32), [PERSON], "uint8"),
+        (np.zeros((8, 8), dtype=np.uint8), [PERSON], "RGB image"),
+        (np.zeros((8, 8, 4), dtype=np.uint8), [PERSON], "RGB image"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), [PERSON], "empty"),
+        (np.zeros((8, 8, 3), dtype=np.uint8), [0], "not a VOC class"),
+        (np.zeros((8, 8, 3), dtype=np.uint8), [21], "not a VOC class"),
+    ],
+)
+def test_bad_inputs_are_refused(
+    segmenter: Segmenter, image: np.ndarray, classes: list[int], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        segmenter.predict([image], [classes])
+
+
+def test_every_image_needs_its_class_list(segmenter: Segmenter) -> None:
+    with pytest.raises(ValueError, match="2 images but 1 class lists"):
+        segmenter.predict([photo(8, 8, 0), photo(8, 8, 1)], [[PERSON]])
+
+
+def test_load_builds_the_model_from_a_configured_file(mobilenet_weights: Path) -> None:
+    loaded = Segmenter.load(
+        "deeplabv3_mobilenet_v3_large", weights=str(mobilenet_weights), device="cpu", input_size=64
+    )
+    assert loaded.name == "deeplabv3_mobilenet_v3_large"
+    assert loaded.weights_id.startswith(f"{mobilenet_weights.name}@sha256:")
+    assert loaded.device == torch.device("cpu")
+    (mask,) = loaded.predict([photo(48, 64, seed=10)], [[PERSON]])
+    assert mask.shape == (48, 64)
+
+
+def test_auto_picks_the_cpu_without_a_gpu(model: torch.nn.Module) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert Segmenter(model, name="m", weights_id="w").device == torch.device("cpu")

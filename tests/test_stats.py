@@ -1,0 +1,217 @@
+"""Statistics over a known set of jobs, on SQLite and PostgreSQL: exact counts, throughput,
+percentiles and failures by code; broker probes that degrade instead of raising."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import update
+
+from producer import broker, jobs
+from producer import settings as settings_module
+from producer.cli import cli
+from producer.db import session_scope
+from producer.models import Job
+from producer.request import JobRequest
+from producer.settings import Settings
+from producer.stats import collect, percentile
+from tests.test_api import redis_broker_url
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def embedded(db_url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=db_url, data_dir=tmp_path / "data")
+
+
+def create(url: str, queue: str = "interactive") -> str:
+    with session_scope(url) as session:
+        (created,) = jobs.create(
+            session, [JobRequest(input="s3://in/p.jpg", queue=queue)], "s3://o"
+        )
+        return created.job.id
+
+
+def finish(
+    url: str,
+    *,
+    worker: str,
+    finished_ago: timedelta,
+    latency_ms: float,
+    timings_ms: dict[str, float] | None = None,
+    error_code: str | None = None,
+) -> str:
+    """A job run to its end by `worker`, then back-dated to known timestamps."""
+    job_id = create(url)
+    with session_scope(url) as session:
+        attempt = jobs.start(session, job_id, worker, 60).attempts
+    with session_scope(url) as session:
+        if error_code:
+            jobs.fail(session, job_id, attempt, error_code, f"{error_code} for {job_id}")
+        else:
+            jobs.succeed(
+                session,
+                job_id,
+                attempt,
+                model_name="deeplabv3_resnet101",
+                model_weights="w",
+                timings_ms=timings_ms or {},
+                input_size=(8, 8),
+                foreground_fraction=0.5,
+            )
+    finished_at = NOW - finished_ago
+    created_at = finished_at - timedelta(milliseconds=latency_ms)
+    with session_scope(url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(created_at=created_at, started_at=created_at, finished_at=finished_at)
+        )
+    return job_id
+
+
+@pytest.fixture
+def known_jobs(db_url: str) -> str:
+    """18 jobs: 11 succeeded (10 in the last hour), 3 failed, 1 canceled, 2 queued, 1 running."""
+    for i in range(1, 11):
+        finish(
+            db_url,
+            worker="worker-a" if i <= 4 else "worker-old",
+            finished_ago=timedelta(seconds=10) if i <= 4 else timedelta(minutes=20),
+            latency_ms=i * 100,
+            timings_ms={"segment": i * 10.0, "upload": 5.0},
+        )
+    finish(db_url, worker="worker-old", finished_ago=timedelta(hours=2), latency_ms=99_000)
+    for code, ago in (("invalid_image", 5), ("invalid_image", 6), ("input_not_found", 3000)):
+        finish(
+            db_url,
+            worker="worker-a" if ago < 60 else "worker-old",
+            finished_ago=timedelta(seconds=ago),
+            latency_ms=50,
+            error_code=code,
+        )
+    with session_scope(db_url) as session:
+        jobs.cancel(session, create(db_url))
+    create(db_url)
+    create(db_url, queue="bulk")
+    running = create(db_url)
+    with session_scope(db_url) as session:
+        jobs.start(session, running, "worker-b", 60)
+    return db_url
+
+
+def test_counts_by_status_and_queue_are_exact(known_jobs: str, tmp_path: Path) -> None:
+    stats = collect(embedded(known_jobs, tmp_path), now=NOW, ping=False)
+    assert stats["jobs"]["by_status"] == {
+        "queued": 2,
+        "running": 1,
+        "succeeded": 11,
+        "failed": 3,
+        "canceled": 1,
+    }
+    assert stats["jobs"]["total"] == 18
+    assert stats["jobs"]["by_queue"]["bulk"] == {
+        "queued": 1,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "canceled": 0,
+    }
+    assert stats["jobs"]["by_queue"]["interactive"]["succeeded"] == 11
+
+
+def test_throughput_counts_finished_work_in_the_last_minute_and_hour(
+    known_jobs: str, tmp_path: Path
+) -> None:
+    stats = collect(embedded(known_jobs, tmp_path), now=NOW, ping=False)
+    # 4 succeeded + 2 failed in the last minute; + 6 succeeded + 1 failed within the hour.
+    # The canceled job finished too, but it was never work done.
+    assert stats["throughput"] == {"last_minute": 6, "last_hour": 13}
+
+
+def test_latency_percentiles_cover_the_succeeded_jobs_of_the_last_hour(
+    known_jobs: str, tmp_path: Path
+) -> None:
+    latency = collect(embedded(known_jobs, tmp_path), now=NOW, ping=False)["latency_ms"]
+    assert latency["sample_size"] == 10  # the two-hour-old 99 s job is outside the window
+    assert latency["end_to_end"] == {"p50": 550.0, "p95": 955.0}
+    assert latency["stages"] == {
+        "segment": {"p50": 55.0, "p95": 95.5},
+        "upload": {"p50": 5.0, "p95": 5.0},
+    }
+
+
+def test_failures_are_counted_by_error_code(known_jobs: str, tmp_path: Path) -> None:
+    stats = collect(embedded(known_jobs, tmp_path), now=NOW, ping=False)
+    assert stats["failures_by_code"] == {"invalid_image": 2, "input_not_found": 1}
+
+
+def test_live_workers_are_those_seen_in_the_last_minutes_or_running_a_job(
+    known_jobs: str, tmp_path: Path
+) -> None:
+    workers = collect(embedded(known_jobs, tmp_path), now=NOW, ping=False)["workers"]
+    assert [w["name"] for w in workers["seen"]] == ["worker-a", "worker-b"]
+    assert workers["pinged"] is None
+
+
+def test_an_empty_store_has_zero_counts_and_no_percentiles(db_url: str, tmp_path: Path) -> None:
+    stats = collect(embedded(db_url, tmp_path), now=NOW)
+    assert stats["jobs"]["total"] == 0
+    assert stats["latency_ms"]["end_to_end"] == {"p50": None, "p95": None}
+    assert stats["queue_depth"] == {"interactive": 0, "bulk": 0}
+    assert stats["notes"] == []
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    assert percentile([], 50) is None
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == 3.85
+
+
+def test_queue_depth_counts_embedded_broker_files_per_queue(db_url: str, tmp_path: Path) -> None:
+    settings = embedded(db_url, tmp_path)
+    broker.enqueue(
+        broker.make_celery(settings), [("a", "interactive"), ("b", "bulk"), ("c", "bulk")]
+    )
+    assert collect(settings, ping=False)["queue_depth"] == {"interactive": 1, "bulk": 2}
+
+
+@pytest.mark.integration
+def test_queue_depth_reads_redis_list_lengths(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=db_url, broker_url=redis_broker_url(), data_dir=tmp_path / "data"
+    )
+    broker.enqueue(
+        broker.make_celery(settings), [("a", "interactive"), ("b", "interactive"), ("c", "bulk")]
+    )
+    stats = collect(settings, ping=True)
+    assert stats["queue_depth"] == {"interactive": 2, "bulk": 1}
+    # A worker of another test may share this Redis; what matters is that the ping answered.
+    assert isinstance(stats["workers"]["pinged"], list) and stats["notes"] == []
+
+
+def test_an_unreachable_broker_is_reported_not_raised(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=db_url, broker_url="redis://127.0.0.1:1/0", data_dir=tmp_path / "data"
+    )
+    stats = collect(settings, ping=False)
+    assert stats["queue_depth"] is None
+    assert any("queue depth unavailable" in note for note in stats["notes"])
+
+
+def test_the_cli_prints_a_table_or_json(
+    known_jobs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings_module, "_current", embedded(known_jobs, tmp_path))
+    as_json = CliRunner().invoke(cli, ["stats", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output)["failures_by_code"]["invalid_image"] == 2
+    table = CliRunner().invoke(cli, ["stats"])
+    assert table.exit_code == 0, table.output
+    assert "invalid_image 2, input_not_found 1" in table.output
+    assert "queue depth  interactive 0, bulk 0" in table.output

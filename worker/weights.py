@@ -1,0 +1,315 @@
+"""Model weights: find the state-dict file, build the architecture around it, name it.
+
+Workers often run without internet, so every way of getting weights fails with one
+actionable message (WeightsUnavailable) instead of a torch or urllib traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.models import segmentation
+
+from producer.errors import TransientError, WeightsUnavailable
+
+log = logging.getLogger(__name__)
+
+# Downloads a non-local location (s3://…) into a local path; the worker passes its storage's.
+Fetch = Callable[[str, Path], None]
+
+NUM_CLASSES = 21  # Pascal VOC: background plus 20 classes
+DOWNLOAD_TIMEOUT_S = 30.0
+# torchvision's published file names end in "-<first hex digits of the sha256>.pth".
+_HASH_PREFIX = re.compile(r"-([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    builder: Callable[..., torch.nn.Module]
+    weights: Any  # the torchvision *_Weights.COCO_WITH_VOC_LABELS_V1 enum member
+
+    @property
+    def url(self) -> str:
+        return self.weights.url
+
+    @property
+    def file_name(self) -> str:
+        return _url_file_name(self.url)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "deeplabv3_resnet101": ModelSpec(
+        segmentation.deeplabv3_resnet101,
+        segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+    ),
+    "deeplabv3_resnet50": ModelSpec(
+        segmentation.deeplabv3_resnet50,
+        segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+    ),
+    "deeplabv3_mobilenet_v3_large": ModelSpec(
+        segmentation.deeplabv3_mobilenet_v3_large,
+        segmentation.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+    ),
+}
+DEFAULT_MODEL = "deeplabv3_resnet101"
+
+
+def model_spec(model_name: str) -> ModelSpec:
+    try:
+        return MODELS[model_name]
+    except KeyError:
+        known = ", ".join(MODELS)
+        raise WeightsUnavailable(f"unknown model {model_name!r}; choose one of {known}") from None
+
+
+def cache_dir() -> Path:
+    """Where torch.hub keeps downloaded checkpoints (follows TORCH_HOME and hub.set_dir)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+# --- resolving -----------------------------------------------------------------------------
+
+
+def resolve_weights(
+    model_name: str,
+    configured: str | None,
+    *,
+    allow_download: bool = True,
+    fetch: Fetch | None = None,
+    url: str | None = None,
+) -> Path:
+    """The local state-dict file to load for a model.
+
+    Order: the configured location (BACKDROP_WEIGHTS: a path, file:// URI, or anything `fetch`
+    can download), then the torch hub cache, then a download of `url` (the published file by
+    default) whose sha256 must start with the hash prefix in its file name.
+    """
+    spec = model_spec(model_name)
+    if configured:
+        return _configured_weights(configured, fetch)
+    url = url or spec.url
+    file_name = _url_file_name(url)
+    cached = cache_dir() / file_name
+    if cached.is_file():
+        log.debug("weights for %s found in the cache: %s", model_name, cached)
+        return cached
+    if not allow_download:
+        raise WeightsUnavailable(_missing_message(file_name, "downloads are disabled"))
+    return _download(url, cached)
+
+
+def _configured_weights(location: str, fetch: Fetch | None) -> Path:
+    local = _local_path(location)
+    if local is not None:
+        if not local.is_file():
+            raise WeightsUnavailable(
+                f"BACKDROP_WEIGHTS={location} is not a file; point it at a state-dict .pth file "
+                "or unset it to use the torch hub cache"
+            )
+        return local
+    if fetch is None:
+        raise WeightsUnavailable(
+            f"BACKDROP_WEIGHTS={location} is not a local file and no storage is configured to "
+            "fetch it; use a local path or file:// URI"
+        )
+    return _fetched_weights(location, fetch)
+
+
+def _local_path(location: str) -> Path | None:
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if not parsed.scheme or len(parsed.scheme) == 1:  # one letter: a Windows drive
+        return Path(location).expanduser()
+    return None
+
+
+def _fetched_weights(location: str, fetch: Fetch) -> Path:
+    # Keyed by the location so two workers (or preflight and the model load) fetch it once.
+    key = hashlib.sha256(location.encode()).hexdigest()[:12]
+    name = location.rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
+    target = cache_dir() / "backdrop" / key / name
+    if target.is_file():
+        return target
+    log.info("fetching weights %s into %s", location, target)
+    try:
+        fetch(location, target)
+    except TransientError:
+        raise  # the store is down, not the configuration wrong: let the caller retry
+    except Exception as exc:
+        raise WeightsUnavailable(
+            f"could not fetch BACKDROP_WEIGHTS={location}: {exc}; check the location and the "
+            "worker's storage credentials"
+        ) from None
+    if not target.is_file():
+        raise WeightsUnavailable(f"fetching BACKDROP_WEIGHTS={location} produced no file")
+    return target
+
+
+def _download(url: str, target: Path) -> Path:
+    match = _HASH_PREFIX.search(target.name)
+    if match is None:
+        raise WeightsUnavailable(
+            f"cannot verify a download of {url}: its file name carries no sha256 prefix"
+        )
+    log.info("downloading weights %s into %s", url, target)
+    try:
+        _download_verified(url, target, match.group(1))
+    except _HashMismatch as exc:
+        raise WeightsUnavailable(
+            f"refused the download of {url}: {exc}; the file was corrupted in transit or the "
+            "mirror serves another file. Nothing was cached"
+        ) from None
+    except (OSError, ValueError) as exc:  # URLError, timeouts, disk errors, odd URLs
+        raise WeightsUnavailable(_missing_message(target.name, f"download failed: {exc}")) from None
+    return target
+
+
+class _HashMismatch(Exception):
+    pass
+
+
+def _download_verified(url: str, target: Path, hash_prefix: str) -> None:
+    """Stream into a temporary file beside the target; it replaces the target only if valid."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response,
+        ):
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        actual = digest.hexdigest()
+        if not actual.startswith(hash_prefix):
+            raise _HashMismatch(f"sha256 {actual[:12]}… does not start with {hash_prefix}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _missing_message(file_name: str, reason: str) -> str:
+    folder = cache_dir()
+    return (
+        f"no model weights: {file_name} is not in {folder} and {reason}. Fix it with one of: "
+        f"copy {file_name} into {folder}; set BACKDROP_WEIGHTS=/path/{file_name} "
+        f"(or s3://bucket/key); or run once with internet access to download it"
+    )
+
+
+def _url_file_name(url: str) -> str:
+    return Path(urllib.parse.urlparse(url).path).name
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_model(model_name: str, weights_path: Path) -> torch.nn.Module:
+    """Build the architecture, load the file strictly, and drop the unused aux head."""
+    spec = model_spec(model_name)
+    state = _read_state_dict(weights_path, model_name)
+    has_aux = any(key.startswith("aux_classifier.") for key in state)
+    model = spec.builder(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=has_aux
+    )
+    problem = _mismatch(model.state_dict(), state)
+    if problem:
+        raise WeightsUnavailable(f"{weights_path} does not fit {model_name}: {problem}")
+    model.load_state_dict(state, strict=True)
+    # Training-only head: inference never reads it, so don't pay for it.
+    model.aux_classifier = None
+    return model.eval()
+
+
+def _read_state_dict(path: Path, model_name: str) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsUnavailable(
+            f"{path} is not a readable PyTorch state dict for {model_name} ({reason})"
+        ) from None
+    state = _unwrap(loaded)
+    if state is None:
+        raise WeightsUnavailable(
+            f"{path} holds a {type(loaded).__name__}, not a state dict of tensors for {model_name}"
+        )
+    return state
+
+
+def _unwrap(loaded: object) -> dict[str, torch.Tensor] | None:
+    """The tensors of a plain state dict or of a training checkpoint that wraps one."""
+    if not isinstance(loaded, Mapping):
+        return None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+            break
+    if not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return None
+    # DataParallel / DDP checkpoints prefix every key.
+    if all(str(k).startswith("module.") for k in loaded):
+        return {str(k)[len("module.") :]: v for k, v in loaded.items()}
+    return {str(k): v for k, v in loaded.items()}
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]) -> str:
+    """A short account of why a state dict doesn't fit, or "" when it does."""
+    missing = sorted(expected.keys() - actual.keys())
+    unexpected = sorted(actual.keys() - expected.keys())
+    shapes = [
+        f"{k} {tuple(actual[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected.keys() & actual.keys()
+        if actual[k].shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {', '.join(sorted(shapes)[:2])})")
+    if parts:
+        parts.append("is it a file for another architecture or number of classes?")
+    return "; ".join(parts)
+
+
+# --- identity ------------------------------------------------------------------------------
+
+_identities: dict[tuple[str, int, int], str] = {}
+_identities_lock = threading.Lock()
+
+
+def weights_identity(path: Path) -> str:
+    """`<file name>@sha256:<12 hex>`: names the exact weights a job ran with."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _identities_lock:
+        cached = _identities.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    identity = f"{path.name}@sha256:{digest.hexdigest()[:12]}"
+    with _identities_lock:
+        _identities[key] = identity
+    return identity
