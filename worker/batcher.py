@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from producer import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -116,6 +118,7 @@ class Batcher:
             return
         assert self._segmenter is not None
         self.batch_sizes[len(batch)] += 1
+        metrics.record_batch(len(batch))
         log.info("segmenting a batch of %d", len(batch))
         try:
             masks = self._segmenter.predict([r.image for r in batch], [r.classes for r in batch])

@@ -49,11 +49,26 @@ def celery_argv(
     return argv
 
 
+def tune_threads() -> None:
+    """Torch's intra-op pool gets the cores for inference; OpenCV runs single-threaded per
+    call because the job threads already run many OpenCV calls side by side."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
 def run_worker(
     settings: Settings, *, queues: Sequence[str], concurrency: int | None, loglevel: str
 ) -> None:
     configure_logging(loglevel)
     preflight(settings)
+    tune_threads()
+    if settings.worker_metrics_port:
+        from producer.metrics import start_worker_metrics_server
+
+        start_worker_metrics_server(settings.worker_metrics_port)
     from worker.tasks import app
 
     app.worker_main(

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_process_init, worker_ready
 
-from producer import jobs
+from producer import jobs, metrics
 from producer.broker import TASK_NAME, get_celery
 from producer.db import session_scope
 from producer.errors import (
@@ -179,7 +179,11 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
 def execute(job_id: str, *, final_try: bool) -> None:
     """Start the job, run it, record the outcome. Transient errors propagate for a retry
     unless this is the final try, when they are recorded with their code."""
-    settings = get_settings()
+    with metrics.job_in_flight():
+        _execute(job_id, get_settings(), final_try=final_try)
+
+
+def _execute(job_id: str, settings: Settings, *, final_try: bool) -> None:
     with session_scope(settings.database_url) as session:
         job = jobs.start(session, job_id, worker_name(), settings.job_lease_s)
     if job is None:
@@ -207,6 +211,7 @@ def execute(job_id: str, *, final_try: bool) -> None:
             log.warning("transient failure, will retry: %s", exc)
             with session_scope(settings.database_url) as session:
                 jobs.release(session, job_id, attempt, exc.code, exc.message)
+            metrics.record_job("retrying", exc.code, {})
             raise
         _record_failure(settings, job_id, attempt, exc)
         return
@@ -222,6 +227,7 @@ def execute(job_id: str, *, final_try: bool) -> None:
     with session_scope(settings.database_url) as session:
         recorded = jobs.succeed(session, job_id, attempt, **result)
     if recorded:
+        metrics.record_job("succeeded", None, result["timings_ms"])
         log.info("succeeded in %.0f ms", sum(result["timings_ms"].values()))
     else:
         log.warning("finished, but a newer attempt owns the job; result not recorded")
@@ -229,6 +235,7 @@ def execute(job_id: str, *, final_try: bool) -> None:
 
 def _record_failure(settings: Settings, job_id: str, attempt: int, exc: BackdropError) -> None:
     log.info("failed: %s", exc)
+    metrics.record_job("failed", exc.code, {})
     with session_scope(settings.database_url) as session:
         jobs.fail(session, job_id, attempt, exc.code, exc.message)
 
