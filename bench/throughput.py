@@ -1,0 +1,315 @@
+"""Throughput, measured side by side in one run:
+
+  (a) model only: Segmenter.predict on decoded photos, per batch size;
+  (b) the tutorial's way: one photo at a time in one process: decode, model, threshold,
+      7x7 blur, float64 blend at full resolution, encode;
+  (c) end to end: jobs submitted through the Python client into Redis, photos in S3 (moto's
+      HTTP server on loopback), records in PostgreSQL, processed by a real `backdrop worker`.
+
+Random-init weights unless --weights is given: speed does not depend on the values.
+Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for (c).
+
+    .venv/bin/python bench/throughput.py [--model deeplabv3_mobilenet_v3_large] [--photos 24]
+        [--max-batch 8] [--memory-jobs 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import redis
+import skimage.data
+import torch
+from sqlalchemy import create_engine, text
+
+from producer import broker
+from producer.client import Client
+from producer.db import upgrade
+from producer.settings import Settings
+from producer.storage import Storage
+from worker.segmenter import Segmenter
+from worker.weights import MODELS, NUM_CLASSES, load_model
+
+SIZES = ((1280, 960), (1600, 1200), (2000, 1500))  # 1.2, 1.9 and 3.0 MP
+PHOTOS = ("astronaut", "chelsea", "coffee", "motorcycle_left")
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+def make_photos(count: int) -> list[bytes]:
+    folder = Path(skimage.data.__file__).parent
+    sources = [cv2.imread(str(folder / f"{name}.png")) for name in PHOTOS]
+    photos = []
+    for i in range(count):
+        width, height = SIZES[i % len(SIZES)]
+        big = cv2.resize(sources[i % len(sources)], (width, height), interpolation=cv2.INTER_CUBIC)
+        photos.append(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
+    return photos
+
+
+def write_random_weights(model: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    net = MODELS[model].builder(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
+    )
+    path = folder / f"{model}-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def model_only(segmenter: Segmenter, photos: list[bytes], batch: int) -> float:
+    images = [
+        cv2.cvtColor(cv2.imdecode(np.frombuffer(p, np.uint8), 1), cv2.COLOR_BGR2RGB) for p in photos
+    ]
+    classes = [list(range(1, 21))] * len(images)
+    segmenter.predict(images[:batch], classes[:batch])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(images), batch):
+        segmenter.predict(images[i : i + batch], classes[i : i + batch])
+    return len(images) / (time.perf_counter() - started)
+
+
+def tutorial_loop(model: torch.nn.Module, photos: list[bytes], input_size: int) -> float:
+    """The tutorial's pipeline, one photo at a time, producing a full-resolution JPEG."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    transform = T.Compose(
+        [
+            T.Resize(input_size),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    model.eval()
+
+    def one(data: bytes) -> bytes:
+        import io
+
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        with torch.no_grad():
+            out = model(transform(image).unsqueeze(0))["out"]
+        classes = torch.argmax(out.squeeze(), dim=0).numpy()
+        _, alpha = cv2.threshold(classes.astype(np.uint8), 0, 255, cv2.THRESH_BINARY)
+        alpha = cv2.GaussianBlur(alpha, (7, 7), 0)
+        foreground = np.asarray(image)
+        alpha = cv2.resize(alpha, (foreground.shape[1], foreground.shape[0]))
+        alpha = np.repeat(alpha[..., None], 3, axis=2).astype(float) / 255
+        background = 255 * np.ones_like(foreground).astype(float)
+        blended = cv2.add(
+            cv2.multiply(alpha, foreground.astype(float)), cv2.multiply(1.0 - alpha, background)
+        )
+        return cv2.imencode(".jpg", blended.astype(np.uint8)[..., ::-1])[1].tobytes()
+
+    one(photos[0])  # warm-up
+    started = time.perf_counter()
+    for data in photos:
+        one(data)
+    return len(photos) / (time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Services:
+    """A fresh PostgreSQL database, a Redis DB, moto's S3 server and a real worker."""
+
+    def __init__(
+        self, weights: Path, model: str, max_batch: int, input_size: int, folder: Path
+    ) -> None:
+        self.db_name = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
+        self.admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        port = free_port()
+        self.s3 = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+        )
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        wait_for(lambda: _answers(s3), 30, "the S3 server")
+        s3.create_bucket(Bucket="bench")
+        self.env = {
+            "BACKDROP_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
+            "BACKDROP_BROKER_URL": REDIS_URL,
+            "BACKDROP_S3_ENDPOINT_URL": endpoint,
+            "BACKDROP_OUTPUT_PREFIX": "s3://bench/out",
+            "BACKDROP_ALLOWED_BUCKETS": "bench",
+            "BACKDROP_MODEL": model,
+            "BACKDROP_WEIGHTS": str(weights),
+            "BACKDROP_MAX_BATCH": str(max_batch),
+            "BACKDROP_MODEL_INPUT_SIZE": str(input_size),
+            "BACKDROP_DEVICE": "auto",
+            "BACKDROP_DATA_DIR": str(folder),
+        }
+        self.settings = Settings(
+            **{k.removeprefix("BACKDROP_").lower(): v for k, v in self.env.items()}
+        )
+        upgrade(self.settings.database_url)
+        self.client = Client(
+            self.settings, storage=Storage(self.settings), celery=broker.make_celery(self.settings)
+        )
+        self.log = folder / "worker.log"
+        with self.log.open("w") as log_file:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "producer.cli", "worker"],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        wait_for(
+            lambda: " ready." in self.log.read_text() or self.worker.poll() is not None,
+            120,
+            "the worker",
+        )
+        if self.worker.poll() is not None:
+            raise SystemExit(self.log.read_text()[-3000:])
+
+    def upload(self, photos: list[bytes]) -> list[str]:
+        locations = []
+        for i, data in enumerate(photos):
+            location = f"s3://bench/in/{uuid.uuid4().hex}-{i}.jpg"
+            self.client.storage.write(location, data, content_type="image/jpeg")
+            locations.append(location)
+        return locations
+
+    def run(self, locations: list[str]) -> tuple[float, list[dict]]:
+        started = time.perf_counter()
+        records = self.client.submit_many([{"input": loc, "format": "jpeg"} for loc in locations])
+        finished = self.client.wait([r["id"] for r in records], timeout=3600)
+        return len(locations) / (time.perf_counter() - started), finished
+
+    def worker_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.worker.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self) -> None:
+        self.worker.send_signal(signal.SIGTERM)
+        try:
+            self.worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+        self.s3.terminate()
+        from producer.db import get_engine
+
+        get_engine(self.settings.database_url).dispose()
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+
+
+def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        s3.list_buckets()
+        return True
+    except Exception:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large", choices=list(MODELS))
+    parser.add_argument("--weights", type=Path)
+    parser.add_argument("--photos", type=int, default=24)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=520)
+    parser.add_argument(
+        "--memory-jobs",
+        type=int,
+        default=0,
+        help="also run N jobs and compare worker RSS after 200 and N",
+    )
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
+    weights = args.weights or write_random_weights(args.model, folder)
+    photos = make_photos(args.photos)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    segmenter = Segmenter.load(
+        args.model, weights=str(weights), device=device, input_size=args.input_size
+    )
+    print(f"device: {device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)")
+    print(f"model: {args.model}, input size {args.input_size}, weights {segmenter.weights_id}")
+    sizes_text = ", ".join(f"{w}x{h}" for w, h in SIZES)
+    print(f"photos: {len(photos)} JPEGs at {sizes_text}; max batch {args.max_batch}")
+
+    batches = sorted({1, args.max_batch})
+    model_rates = {b: model_only(segmenter, photos, b) for b in batches}
+    tutorial_rate = tutorial_loop(load_model(args.model, weights), photos, args.input_size)
+    del segmenter
+
+    services = Services(weights, args.model, args.max_batch, args.input_size, folder)
+    try:
+        services.run(services.upload(photos[:4]))  # warm-up: model load, first shapes
+        e2e_rate, records = services.run(services.upload(photos))
+        failed = [r for r in records if r["status"] != "succeeded"]
+        batch_lines = [
+            line
+            for line in services.log.read_text().splitlines()
+            if "segmenting a batch of" in line
+        ]
+        sizes = [int(line.rsplit(" ", 1)[-1]) for line in batch_lines]
+        memory = None
+        if args.memory_jobs:
+            small = make_photos(8)
+            locations = services.upload(small)
+            first = [locations[i % len(locations)] for i in range(200)]
+            rest = [locations[i % len(locations)] for i in range(args.memory_jobs - 200)]
+            services.run(first)
+            rss_200 = services.worker_rss_mb()
+            services.run(rest)
+            memory = (rss_200, services.worker_rss_mb())
+    finally:
+        services.close()
+
+    print()
+    print(f"{'pipeline':52} {'images/s':>9}")
+    for b, rate in model_rates.items():
+        print(f"{'(a) model only, batch ' + str(b):52} {rate:9.2f}")
+    print(f"{'(b) tutorial loop, one at a time, in process':52} {tutorial_rate:9.2f}")
+    print(f"{'(c) end to end: Redis + S3 + PostgreSQL + worker':52} {e2e_rate:9.2f}")
+    print()
+    versus_model = e2e_rate / model_rates[args.max_batch]
+    print(f"(c)/(b) = {e2e_rate / tutorial_rate:.2f}x    ", end="")
+    print(f"(c)/(a, batch {args.max_batch}) = {versus_model:.2f}x")
+    print(f"end-to-end jobs failed: {len(failed)}; model batches: {len(sizes)}, ", end="")
+    print(f"mean size {np.mean(sizes):.1f}, max {max(sizes)}")
+    if memory:
+        rss_200, rss_n = memory
+        growth = (rss_n / rss_200 - 1) * 100
+        print(f"worker RSS after 200 jobs: {rss_200:.0f} MB; ", end="")
+        print(f"after {args.memory_jobs}: {rss_n:.0f} MB ({growth:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
