@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import skimage.data
 
 from worker.refine import refine_mask
 
@@ -25,6 +26,41 @@ def step_scene(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return guide, truth, soft
 
 
+def model_view(truth: np.ndarray) -> np.ndarray:
+    """The truth as the segmenter hands it over: long side 520, stride-8 logits, bilinear up."""
+    height, width = truth.shape
+    scale = 520 / max(height, width)
+    model_w, model_h = round(width * scale), round(height * scale)
+    model_input = cv2.resize(truth, (model_w, model_h), interpolation=cv2.INTER_AREA)
+    logits_size = (-(-model_w // 8), -(-model_h // 8))
+    coarse = cv2.resize(model_input, logits_size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(coarse, (model_w, model_h), interpolation=cv2.INTER_LINEAR)
+
+
+def horse_composite() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The astronaut seen through a horse-shaped soft matte over the coffee photo, 640x480."""
+    width, height = 640, 480
+    horse = (~skimage.data.horse()).astype(np.float32)
+    target_h = int(height * 0.8)
+    target_w = horse.shape[1] * target_h // horse.shape[0]
+    canvas = np.zeros((height, width), np.float32)
+    top, left = (height - target_h) // 2, (width - target_w) // 2
+    scaled = cv2.resize(horse, (target_w, target_h), interpolation=cv2.INTER_LINEAR)
+    canvas[top : top + target_h, left : left + target_w] = scaled > 0.5
+    truth = cv2.GaussianBlur(canvas, (0, 0), 1.5)
+    front = cv2.resize(skimage.data.astronaut(), (width, width))[:height].astype(np.float32)
+    back = cv2.resize(skimage.data.coffee(), (width, height)).astype(np.float32)
+    alpha = truth[:, :, None]
+    guide = np.clip(front * alpha + back * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+    return guide, truth, model_view(truth)
+
+
+def tutorial_alpha(soft: np.ndarray, width: int, height: int) -> np.ndarray:
+    """LearnOpenCV's recipe: threshold, 7x7 Gaussian at model resolution, bilinear resize."""
+    blurred = cv2.GaussianBlur((soft > 0.5).astype(np.float32), (7, 7), 0)
+    return cv2.resize(blurred, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def test_refine_returns_full_resolution_uint8_alpha() -> None:
     guide, _, soft = step_scene(300, 200)
     alpha = refine_mask(soft, guide)
@@ -41,6 +77,15 @@ def test_refine_snaps_a_roughly_followed_edge_closer_than_bilinear_upsampling(si
     refined_error = np.abs(refined - truth).mean()
     bilinear_error = np.abs(bilinear - truth).mean()
     assert refined_error < 0.5 * bilinear_error
+
+
+def test_refine_beats_the_tutorial_mask_on_a_real_photo_composite() -> None:
+    guide, truth, soft = horse_composite()
+    refined = refine_mask(soft, guide).astype(np.float32) / 255
+    tutorial = tutorial_alpha(soft, 640, 480)
+    refined_diff, tutorial_diff = refined - truth, tutorial - truth
+    assert np.abs(refined_diff).mean() < 0.95 * np.abs(tutorial_diff).mean()
+    assert (refined_diff**2).mean() < 0.8 * (tutorial_diff**2).mean()
 
 
 def test_refine_is_deterministic() -> None:
@@ -63,6 +108,24 @@ def test_refine_accepts_a_full_resolution_coarse_mask() -> None:
     guide, truth, _ = step_scene(300, 200)
     alpha = refine_mask(truth, guide)
     assert np.abs(alpha.astype(np.float32) / 255 - truth).mean() < 0.02
+
+
+def test_refine_handles_a_sliver_of_an_image() -> None:
+    rng = np.random.default_rng(5)
+    guide = rng.integers(0, 256, (3, 200, 3), dtype=np.uint8)
+    soft = np.zeros((3, 200), np.float32)
+    soft[:, :100] = 1.0
+    alpha = refine_mask(soft, guide)
+    assert alpha.shape == (3, 200)
+    assert alpha[:, :80].mean() > 200
+    assert alpha[:, 120:].mean() < 55
+
+
+def test_refine_accepts_a_mask_whose_aspect_is_a_pixel_off() -> None:
+    guide, truth, soft = step_scene(301, 200)
+    alpha = refine_mask(soft[:, :-1], guide)
+    assert alpha.shape == (200, 301)
+    assert np.abs(alpha.astype(np.float32) / 255 - truth).mean() < 0.05
 
 
 def test_refine_rejects_a_guide_that_is_not_rgb() -> None:
