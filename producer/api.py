@@ -31,6 +31,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import stats
+from producer.backfill import BackfillNotFound, Backfills
 from producer.client import Client
 from producer.db import session_scope
 from producer.errors import (
@@ -69,6 +70,7 @@ ERROR_STATUS: tuple[tuple[type[BackdropError], int], ...] = (
     (Unauthorized, 401),
     (AccessDenied, 403),
     (JobNotFound, 404),
+    (BackfillNotFound, 404),
     (InputNotFound, 404),
     (BackgroundNotFound, 404),
     (InvalidTransition, 409),
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     _add_request_metrics(app, metrics)
     authenticated = [Depends(BearerAuth(settings.api_tokens))]
     _add_job_routes(app, client, settings, metrics, authenticated)
+    _add_backfill_routes(app, Backfills(settings, client.storage, client.celery), authenticated)
     _add_ops_routes(app, settings, metrics, authenticated)
     return app
 
@@ -365,6 +368,87 @@ def image_type(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return "application/octet-stream"
+
+
+# --- backfills ----------------------------------------------------------------------------
+
+BackfillBody = Annotated[
+    Any,
+    Body(
+        description=(
+            "source (s3://bucket/prefix, file:///prefix or a manifest .csv location), "
+            "output_prefix, optional max_in_flight and dry_run, plus the job options "
+            "(effect, background, classes, format, …) every photo gets."
+        ),
+        examples=[
+            {"source": "s3://photos/2024/", "output_prefix": "s3://out/2024", "effect": "blur"}
+        ],
+    ),
+]
+
+
+def _add_backfill_routes(app: FastAPI, engine: Backfills, authenticated: list[Any]) -> None:
+    """The engine runs in a daemon thread of the API process: POST returns 202 at once. If
+    the API stops, the backfill stays `running` in the database; POST …/resume continues it."""
+
+    @app.post("/v1/backfills", status_code=202, dependencies=authenticated, tags=["backfills"])
+    def create_backfill(body: BackfillBody) -> JSONResponse:
+        """Start a backfill (202 with its record), or with dry_run count it (200)."""
+        source, output_prefix, max_in_flight, dry_run, options = _parse_backfill(body)
+        if dry_run:
+            counts = engine.dry_run(source, output_prefix, options)
+            return JSONResponse({"dry_run": True, "counts": counts})
+        record = engine.create(source, output_prefix, options, max_in_flight)
+        engine.start_in_thread(record["id"])
+        return JSONResponse(record, status_code=202)
+
+    @app.get("/v1/backfills", dependencies=authenticated, tags=["backfills"])
+    def list_backfills(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> JSONResponse:
+        return JSONResponse({"backfills": engine.list(limit)})
+
+    @app.get("/v1/backfills/{backfill_id}", dependencies=authenticated, tags=["backfills"])
+    def get_backfill(backfill_id: str) -> JSONResponse:
+        return JSONResponse(engine.get(backfill_id))
+
+    @app.post("/v1/backfills/{backfill_id}/pause", dependencies=authenticated, tags=["backfills"])
+    def pause_backfill(backfill_id: str) -> JSONResponse:
+        return JSONResponse(engine.pause(backfill_id))
+
+    @app.post("/v1/backfills/{backfill_id}/cancel", dependencies=authenticated, tags=["backfills"])
+    def cancel_backfill(backfill_id: str) -> JSONResponse:
+        return JSONResponse(engine.cancel(backfill_id))
+
+    @app.post(
+        "/v1/backfills/{backfill_id}/resume",
+        status_code=202,
+        dependencies=authenticated,
+        tags=["backfills"],
+    )
+    def resume_backfill(backfill_id: str) -> JSONResponse:
+        record = engine.get(backfill_id)
+        if record["status"] not in ("running", "paused", "failed"):
+            raise InvalidTransition(f"backfill {backfill_id} is {record['status']}")
+        engine.start_in_thread(backfill_id)
+        return JSONResponse(record, status_code=202)
+
+
+def _parse_backfill(body: Any) -> tuple[str, str, int | None, bool, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: expected a backfill object")
+    options = dict(body)
+    source, output_prefix = options.pop("source", None), options.pop("output_prefix", None)
+    max_in_flight, dry_run = options.pop("max_in_flight", None), options.pop("dry_run", False)
+    for name, value in (("source", source), ("output_prefix", output_prefix)):
+        if not isinstance(value, str) or "://" not in value:
+            # Never a plain path: the API must not read the server's own files.
+            raise InvalidRequest(f"{name}: expected a location (s3://… or file:///…)")
+    if max_in_flight is not None and (
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+    ):
+        raise InvalidRequest("max_in_flight: expected a positive integer")
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest("dry_run: expected true or false")
+    return source, output_prefix, max_in_flight, dry_run, options
 
 
 # --- stats, metrics, health, dashboard ---------------------------------------------------

@@ -12,6 +12,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu import Queue
 
+from producer.errors import TransientError
 from producer.request import Queue as QueueName
 from producer.settings import Settings, get_settings
 
@@ -20,11 +21,23 @@ QUEUE_NAMES = [QueueName.INTERACTIVE.value, QueueName.BULK.value]
 PUBLISH_BATCH = 1000
 
 
+class BrokerUnavailable(TransientError):
+    """The broker refused or dropped a publish: the jobs were not queued."""
+
+    code = "broker_unavailable"
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("backdrop", broker=settings.broker_url, set_as_current=False)
     transport_options: dict[str, object] = {
         # Longer than any job may take, or the broker hands a slow job to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,
+        # Messages a dead worker had taken but not acknowledged come back once the visibility
+        # timeout has passed, but only when some worker scans for them: kombu's default scans
+        # every 10th tick of 10 s (~100 s late). Scan each tick, ticks a fifth of the timeout
+        # apart (at most 10 s), so redelivery lags the timeout by little.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 5)),
+        "unacked_restore_throttle": 1,
         # Always drain `interactive` first so a backfill never starves it.
         "queue_order_strategy": "priority",
     }

@@ -252,6 +252,65 @@ def cancel(job_id: str) -> None:
 
 
 @cli.command()
+@click.argument("source", required=False)
+@click.option("--output-prefix", help="where outputs go: <prefix>/<key under SOURCE>.<ext>")
+@job_options
+@click.option("--dry-run", is_flag=True, help="count what would be skipped and submitted")
+@click.option("--resume", "resume_id", metavar="ID", help="continue a killed or paused backfill")
+@click.option("--pause", "pause_id", metavar="ID", help="stop submitting; --resume continues")
+@click.option("--cancel", "cancel_id", metavar="ID", help="stop and cancel its queued jobs")
+@click.option("--max-in-flight", type=click.IntRange(1), help="[default: 1000]")
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def backfill(
+    source: str | None,
+    output_prefix: str | None,
+    dry_run: bool,
+    resume_id: str | None,
+    pause_id: str | None,
+    cancel_id: str | None,
+    max_in_flight: int | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Process every photo under an S3/file prefix or in a manifest CSV (bucket,key lines)
+    through the bulk queue; prints the backfill record when it ends."""
+    from producer.backfill import from_settings
+    from producer.progress import ProgressLine
+
+    engine = from_settings(get_settings())
+    if pause_id or cancel_id:
+        record = engine.pause(pause_id) if pause_id else engine.cancel(cancel_id or "")
+        click.echo(f"{record['id']} {record['status']}")
+        return
+    fields = request_fields(**options)
+    if dry_run:
+        if not source or not output_prefix:
+            raise InvalidRequest("--dry-run needs SOURCE and --output-prefix")
+        counts = engine.dry_run(source, output_prefix, fields)
+        click.echo(
+            json.dumps(counts) if as_json else " · ".join(f"{k} {v}" for k, v in counts.items())
+        )
+        return
+    if resume_id is None:
+        if not source or not output_prefix:
+            raise InvalidRequest("give SOURCE and --output-prefix (or --resume ID)")
+        resume_id = engine.create(source, output_prefix, fields, max_in_flight)["id"]
+    click.echo(f"backfill {resume_id}", err=True)
+    progress = ProgressLine(sys.stderr)
+    try:
+        record = engine.run(resume_id, progress)
+    finally:
+        progress.close()
+    if as_json:
+        _print_json(record)
+    else:
+        click.echo(f"{record['id']} {record['status']} report={record['report'] or '-'}")
+    if record["status"] == "canceled":
+        _fail("canceled", f"backfill {record['id']} was canceled")
+
+
+@cli.command()
 @click.option("--queues", default="interactive,bulk", show_default=True)
 @click.option("--concurrency", type=click.IntRange(1, 512), help="job threads (default 2×batch)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -313,6 +372,35 @@ def upgrade() -> None:
     url = get_settings().database_url
     upgrade_schema(url)
     click.echo("database is at the newest schema")
+
+
+@cli.group()
+def models() -> None:
+    """Model weights, for workers without internet access."""
+
+
+@models.command(name="pull")
+@click.option(
+    "--model",
+    "model_name",
+    help="deeplabv3_resnet101 | deeplabv3_resnet50 | deeplabv3_mobilenet_v3_large "
+    "[default: BACKDROP_MODEL]",
+)
+@click.option("--push", "push_to", help="upload below this prefix, e.g. s3://models/backdrop")
+@reports_errors
+def models_pull(model_name: str | None, push_to: str | None) -> None:
+    """Download and verify a model's torchvision weights; optionally push them to a bucket.
+
+    Prints the BACKDROP_WEIGHTS value for workers (the pushed location, or the local file).
+    Needs the worker install (torch): run it where the worker image or extra is installed.
+    """
+    settings = get_settings()
+    from producer.storage import get_storage
+    from worker.weights import pull
+
+    pulled = pull(model_name or settings.model, push_to, upload=get_storage().upload_file)
+    click.echo(f"{pulled.model}: {pulled.path} sha256:{pulled.sha256}", err=True)
+    click.echo(f"BACKDROP_WEIGHTS={pulled.pushed_to or pulled.path}")
 
 
 @cli.command()

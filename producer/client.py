@@ -60,7 +60,19 @@ class Client:
         validated = [self._validate(request) for request in requests]
         with session_scope(self.settings.database_url) as session:
             created = jobs.create(session, validated, self.settings.output_prefix)
-        broker.enqueue(self.celery, [(c.job.id, c.job.queue) for c in created if c.new])
+        new = [(c.job.id, c.job.queue) for c in created if c.new]
+        try:
+            broker.enqueue(self.celery, new)
+        except Exception as exc:
+            # Never leave an accepted job without its message (it would stay queued forever):
+            # take back the jobs no worker has started and fail the request loudly (503).
+            # Resubmitting is safe; jobs a worker already started keep running.
+            with session_scope(self.settings.database_url) as session:
+                withdrawn = jobs.withdraw(session, [job_id for job_id, _ in new])
+            raise broker.BrokerUnavailable(
+                f"the broker did not take the jobs ({type(exc).__name__}); "
+                f"{withdrawn} of {len(new)} new jobs were withdrawn; submit again"
+            ) from None
         return [c.job.to_record() for c in created]
 
     def _validate(self, request: RequestLike) -> JobRequest:

@@ -8,16 +8,17 @@ finished job backwards or let a stale attempt overwrite a newer one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from producer.errors import InvalidTransition, JobNotFound
+from producer.errors import InvalidRequest, InvalidTransition, JobNotFound
 from producer.models import Job, JobStatus
 from producer.request import JobRequest
 
@@ -56,25 +57,44 @@ class Created:
     new: bool  # False when an idempotency key matched an existing job: nothing to enqueue
 
 
-def create(session: Session, requests: Sequence[JobRequest], output_prefix: str) -> list[Created]:
-    """Insert jobs in one statement; an idempotency key already present yields the old job."""
+def create(
+    session: Session,
+    requests: Sequence[JobRequest],
+    output_prefix: str,
+    *,
+    extras: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Created]:
+    """Insert jobs in one statement; an idempotency key already present yields the old job.
+
+    `extras`, one per request, sets further columns (a backfill's id, input ETag, fingerprint).
+    """
     if not requests:
         return []
     created_at = now()
     rows = [_row(request, output_prefix, created_at) for request in requests]
+    if extras is not None:
+        rows = [row | dict(extra) for row, extra in zip(rows, extras, strict=True)]
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
     inserted: set[str] = set()
+    fresh = _check_outputs_free(session, rows)
     # Chunked only to stay under SQLite's bound-parameter limit; PostgreSQL takes it in one go.
-    for start_at in range(0, len(rows), INSERT_CHUNK):
-        chunk = rows[start_at : start_at + INSERT_CHUNK]
+    for start_at in range(0, len(fresh), INSERT_CHUNK):
+        chunk = fresh[start_at : start_at + INSERT_CHUNK]
         statement = (
             insert(Job)
             .values(chunk)
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(Job.id)
         )
-        inserted.update(session.scalars(statement).all())
+        try:
+            inserted.update(session.scalars(statement).all())
+        except IntegrityError:
+            # A concurrent submit took one of these outputs between the check and the insert
+            # (the unique index on jobs.output, migration 0003, is the last word).
+            raise InvalidRequest(
+                "an output location of this request already belongs to another job"
+            ) from None
     wanted_keys = [row["idempotency_key"] for row in rows if row["id"] not in inserted]
     by_id = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(inserted)))}
     by_key = {}
@@ -90,6 +110,50 @@ def create(session: Session, requests: Sequence[JobRequest], output_prefix: str)
         else:
             results.append(Created(by_key[row["idempotency_key"]], new=False))
     return results
+
+
+def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows to insert: those whose idempotency key is new. Refuses (InvalidRequest) a
+    request whose output is another job's output, or repeated within the request, so that no
+    job can ever overwrite another one's result."""
+    keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
+    known: set[str] = set()
+    for start_at in range(0, len(keys), INSERT_CHUNK):
+        chunk = keys[start_at : start_at + INSERT_CHUNK]
+        known.update(
+            session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.in_(chunk)))
+        )
+    fresh = [row for row in rows if row["idempotency_key"] not in known]
+    seen: set[str] = set()
+    for row in fresh:
+        if row["output"] in seen:
+            raise InvalidRequest(f"output {row['output']} is named twice in this request")
+        seen.add(row["output"])
+    outputs = [row["output"] for row in fresh]
+    for start_at in range(0, len(outputs), INSERT_CHUNK):
+        chunk = outputs[start_at : start_at + INSERT_CHUNK]
+        taken = session.scalars(select(Job.output).where(Job.output.in_(chunk)).limit(1)).first()
+        if taken is not None:
+            raise InvalidRequest(
+                f"output {taken} already belongs to another job; choose another location "
+                "(or resubmit with that job's idempotency key)"
+            )
+    return fresh
+
+
+def withdraw(session: Session, job_ids: Sequence[str]) -> int:
+    """Delete jobs that were created but could not be queued, unless a worker already
+    started them (then they run to the end). Returns how many were deleted."""
+    deleted = 0
+    for start_at in range(0, len(job_ids), INSERT_CHUNK):
+        chunk = list(job_ids[start_at : start_at + INSERT_CHUNK])
+        result = session.execute(
+            delete(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value, Job.attempts == 0)
+            .execution_options(synchronize_session=False)
+        )
+        deleted += result.rowcount
+    return deleted
 
 
 def get(session: Session, job_id: str) -> Job:
@@ -328,3 +392,34 @@ def retry(session: Session, job_id: str) -> Job:
 def failed_ids(session: Session, limit: int = 10_000) -> list[str]:
     query = select(Job.id).where(Job.status == JobStatus.FAILED.value).limit(limit)
     return list(session.scalars(query))
+
+
+def reprocess(session: Session, job_id: str, request: JobRequest, **values: Any) -> bool:
+    """A final job (succeeded, failed or canceled) → queued again, for the same output with
+    a new request: how a backfill reprocesses a photo, since an output has one job. The record
+    then describes the processing its output will hold; `values` sets backfill columns."""
+    return _guarded(
+        session,
+        job_id,
+        [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED],
+        status=JobStatus.QUEUED.value,
+        queue=request.queue,
+        effect=request.effect,
+        params=request.params(),
+        mask_output=request.mask_output,
+        attempts=0,
+        error_code=None,
+        error_message=None,
+        created_at=now(),
+        started_at=None,
+        finished_at=None,
+        worker=None,
+        model_name=None,
+        model_weights=None,
+        timings_ms=None,
+        input_width=None,
+        input_height=None,
+        foreground_fraction=None,
+        lease_expires_at=None,
+        **values,
+    )

@@ -53,9 +53,14 @@ class LeaseKeeper:
             jobs.renew(session, owned, self._settings.job_lease_s)
         with session_scope(url) as session:
             reaped = jobs.reap(session, self._settings.max_attempts)
-        if reaped.requeued:
-            log.warning("requeueing %d jobs whose worker died", len(reaped.requeued))
-            broker.enqueue(self._celery, reaped.requeued)
+            if reaped.requeued:
+                log.warning("requeueing %d jobs whose worker died", len(reaped.requeued))
+                # Published before the requeue commits: if the broker is down, the
+                # transaction rolls back and the jobs stay expired for the next beat to
+                # requeue, instead of sitting `queued` with no message (lost). A message
+                # that arrives before the commit still starts the job: start() accepts a
+                # running job whose lease ran out.
+                broker.enqueue(self._celery, reaped.requeued)
         for job_id in reaped.lost:
             log.error("job %s failed with worker_lost: it killed every worker it ran on", job_id)
         return reaped

@@ -1,4 +1,4 @@
-"""The job table and its status enum."""
+"""The job and backfill tables and their status enums."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -54,11 +54,18 @@ class Job(Base):
     foreground_fraction: Mapped[float | None] = mapped_column(Float)
     # A running job belongs to its attempt only while the worker keeps renewing this lease.
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set for jobs a backfill created: which one, the input version it saw, and the hash a
+    # later backfill compares to skip photos already processed the same way.
+    backfill_id: Mapped[str | None] = mapped_column(String(36))
+    input_etag: Mapped[str | None] = mapped_column(String(200))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_backfill_status", "backfill_id", "status"),
+        Index("ix_jobs_fingerprint", "fingerprint"),
     )
 
     def to_record(self) -> dict[str, Any]:
@@ -89,6 +96,69 @@ class Job(Base):
                 [self.input_width, self.input_height] if self.input_width is not None else None
             ),
             "foreground_fraction": self.foreground_fraction,
+            "backfill_id": self.backfill_id,
+        }
+
+
+class BackfillStatus(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELED = "canceled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Backfill(Base):
+    __tablename__ = "backfills"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    output_prefix: Mapped[str] = mapped_column(Text, nullable=False)
+    # The job options every photo gets (request fields without input/output).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    max_in_flight: Mapped[int] = mapped_column(Integer, nullable=False)
+    listed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    submitted: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    succeeded: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Last location handled in listing order (a manifest: lines handled); a resume starts after.
+    cursor: Mapped[str | None] = mapped_column(Text)
+    listing_done: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    report: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_backfills_created_at", "created_at"),)
+
+    def to_record(self, in_flight: int | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "source": self.source,
+            "output_prefix": self.output_prefix,
+            "options": self.options,
+            "model": self.model,
+            "max_in_flight": self.max_in_flight,
+            "counts": {
+                "listed": self.listed,
+                "skipped": self.skipped,
+                "submitted": self.submitted,
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "in_flight": in_flight,
+            },
+            "cursor": self.cursor,
+            "listing_done": self.listing_done,
+            "report": self.report,
+            "error": self.error,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "finished_at": _iso(self.finished_at),
         }
 
 

@@ -124,8 +124,13 @@ class JobRequest(BaseModel):
             object.__setattr__(self, "background", normalised)
         elif self.background is not None:
             raise ValueError(f"effect {self.effect!r} takes no background")
-        if self.output is not None and self.output == self.input:
-            raise ValueError("output must not overwrite the input")
+        sources = {self.input, self.mask}
+        if self.effect == Effect.REPLACE:
+            sources.add(self.background)
+        if self.output is not None and self.output in sources:
+            raise ValueError("output must not overwrite the input (nor the mask or background)")
+        if self.mask_output is not None and self.mask_output in sources | {self.output}:
+            raise ValueError("mask_output must not overwrite an input or the output")
         return self
 
     @property

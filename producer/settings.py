@@ -58,8 +58,15 @@ class Settings(BaseSettings):
     # Where a worker serves its Prometheus metrics; None: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
+    # A backfill never has more than this many of its jobs queued or running at once.
+    backfill_max_in_flight: int = Field(default=1000, ge=1)
+    # Photos a backfill lists, checks and inserts per transaction.
+    backfill_chunk: int = Field(default=500, ge=1, le=5000)
+
     # Longest a job may run before the broker hands its message to another worker.
-    visibility_timeout_s: int = Field(default=3600, ge=60)
+    # (Bound lowered from 60 to 5 so the outage tests can watch Redis redeliver quickly;
+    # in production keep it long: running jobs are protected by their leases, not by this.)
+    visibility_timeout_s: int = Field(default=3600, ge=5)
     max_attempts: int = Field(default=5, ge=1)
     # A running job's lease: renewed by its worker every third of it; when it runs out (the
     # worker died), the reaper requeues the job. Bounds recovery time after a crash.
@@ -77,7 +84,8 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{data / 'backdrop.db'}"
         if not self.broker_url:
-            self.broker_url = "filesystem://"
+            # "localhost" only quiets kombu; the filesystem transport needs no server.
+            self.broker_url = "filesystem://localhost//"
         if not self.output_prefix:
             self.output_prefix = (data / "outputs").as_uri()
         if not self.input_prefix:

@@ -347,7 +347,9 @@ def _build_client(settings: Settings) -> Any:
         region_name=settings.s3_region,
         connect_timeout=settings.s3_connect_timeout_s,
         read_timeout=settings.s3_read_timeout_s,
-        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        # botocore's `max_attempts` counts retries only; `total_max_attempts` includes the
+        # first try, which is what Settings.s3_max_attempts promises.
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
         max_pool_connections=S3_MAX_POOL_CONNECTIONS,
         # Path-style: MinIO and SeaweedFS behind a plain host name have no per-bucket DNS.
         s3={"addressing_style": "path"},

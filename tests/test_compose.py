@@ -7,7 +7,10 @@ a typo and a stack that does not come up.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,17 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+from producer.settings import Settings
 from tests.conftest import require_service
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "compose-spec.json"
+ENV_EXAMPLE = REPO / ".env.example"
+PROMETHEUS_FILE = REPO / "infra" / "prometheus.yml"
+# The longest batch each kind of worker may take (docs/deployment.md); the stop grace period
+# must cover the two batches a worker has in hand.
+LONGEST_BATCH_S = {"worker": 120, "worker-cpu": 300}
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +155,11 @@ def test_every_dockerfile_exists_and_pins_its_base_image(services: dict[str, Any
     for build in builds:
         dockerfile = REPO / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
         assert dockerfile.is_file(), dockerfile
-        bases = re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+        text = dockerfile.read_text()
+        bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+        stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.MULTILINE))
         assert bases, dockerfile
-        for base in bases:
+        for base in set(bases) - stages:
             assert ":" in base and not base.endswith(":latest"), f"{dockerfile}: {base}"
 
 
@@ -180,3 +191,95 @@ def test_services_share_one_backdrop_environment(services: dict[str, Any]) -> No
         assert environment["BACKDROP_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert environment["BACKDROP_BROKER_URL"] == "redis://redis:6379/0"
     assert len({env["BACKDROP_DATABASE_URL"] for env in environments}) == 1
+
+
+def run_docker_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    require_service("docker-compose (Debian package)", binary is not None, "apt install")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKDROP_", "COMPOSE_"))}
+    return subprocess.run(
+        [str(binary), "--file", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**clean, **env},
+    )
+
+
+def test_docker_compose_accepts_the_file_once_api_tokens_are_set() -> None:
+    result = run_docker_compose("config", "-q", env={"BACKDROP_API_TOKENS": "secret-token"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_refuses_to_start_without_api_tokens() -> None:
+    result = run_docker_compose("config", "-q", env={})
+    assert result.returncode != 0
+    assert "BACKDROP_API_TOKENS" in result.stderr
+
+
+def test_docker_compose_accepts_the_example_environment_file() -> None:
+    result = run_docker_compose("--env-file", str(ENV_EXAMPLE), "config", "-q", env={})
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_gpu_and_cpu_workers_are_alternative_profiles(services: dict[str, Any]) -> None:
+    assert services["worker"]["profiles"] == ["gpu"]
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert services["worker"]["environment"]["BACKDROP_DEVICE"] == "cuda"
+    assert services["worker-cpu"]["environment"]["BACKDROP_DEVICE"] == "cpu"
+    assert "deploy" not in services["worker-cpu"]
+    # Both run the same image and command: only the device differs.
+    for key in ("image", "command", "volumes", "healthcheck"):
+        assert services["worker"][key] == services["worker-cpu"][key], key
+    # Nothing else may depend on a worker, or a profile would be dragged in.
+    for name, service in services.items():
+        assert not set(depends_on(service)) & {"worker", "worker-cpu"}, name
+
+
+def seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([smh])", duration))
+
+
+def test_workers_have_time_to_finish_two_batches_on_a_warm_shutdown(
+    services: dict[str, Any],
+) -> None:
+    for name, longest_batch in LONGEST_BATCH_S.items():
+        assert seconds(services[name]["stop_grace_period"]) >= 2 * longest_batch, name
+
+
+def test_prometheus_scrapes_the_api_and_every_worker_where_they_serve_metrics(
+    services: dict[str, Any],
+) -> None:
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api_targets = jobs["backdrop-api"]["static_configs"][0]["targets"]
+    api_port = services["api"]["command"][services["api"]["command"].index("--port") + 1]
+    assert api_targets == [f"api:{api_port}"]
+    (discovery,) = jobs["backdrop-worker"]["dns_sd_configs"]
+    assert set(discovery["names"]) == {"worker", "worker-cpu"}
+    for name in discovery["names"]:
+        port = services[name]["environment"]["BACKDROP_WORKER_METRICS_PORT"]
+        assert discovery["port"] == int(port), name
+    mounts = [volume.split(":") for volume in services["prometheus"]["volumes"]]
+    assert ["./infra/prometheus.yml", "/etc/prometheus/prometheus.yml", "ro"] in mounts
+
+
+def test_the_example_environment_documents_every_setting_and_every_compose_variable() -> None:
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
+    settings = {f"BACKDROP_{name.upper()}" for name in Settings.model_fields}
+    interpolated = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert settings - documented == set()
+    assert interpolated - documented == set()
+    assert "COMPOSE_PROFILES" in documented
+
+
+def test_the_weights_location_passes_through_without_hiding_baked_weights(
+    services: dict[str, Any],
+) -> None:
+    # A null value: set only when the shell or .env sets it, so an unset one leaves the
+    # image's BACKDROP_WEIGHTS (baked weights) alone.
+    for name in ("worker", "worker-cpu"):
+        environment = services[name]["environment"]
+        assert "BACKDROP_WEIGHTS" in environment and environment["BACKDROP_WEIGHTS"] is None

@@ -7,6 +7,8 @@ import os
 import random
 import socket
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -18,6 +20,7 @@ from producer.db import session_scope
 from producer.errors import (
     BackdropError,
     BackgroundNotFound,
+    DatabaseUnavailable,
     InputNotFound,
     PermanentError,
     TransientError,
@@ -26,7 +29,7 @@ from producer.errors import (
 from producer.leases import LeaseKeeper
 from producer.logs import job_context
 from producer.models import Job
-from producer.request import Effect, JobRequest
+from producer.request import Effect, JobRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.storage import Storage, content_type_for, get_storage
 from worker.batcher import Batcher
@@ -101,14 +104,24 @@ def _read_image_input(storage: Storage, location: str, settings: Settings, what:
         raise
 
 
+# How long a worker keeps trying to record a finished job's outcome while the database is
+# unreachable (a PostgreSQL restart takes seconds). Past it the attempt gives up; the job is
+# still not lost: its lease runs out and the reaper requeues it.
+RECORD_PATIENCE_S = 60.0
+
+
 def request_of(job: Job) -> JobRequest:
-    return JobRequest(
-        input=job.input,
-        effect=job.effect,
-        output=job.output,
-        mask_output=job.mask_output,
-        queue=job.queue,
-        **job.params,
+    # parse_request, not JobRequest(...): a row that fails validation (written by hand, or
+    # by an older version) fails as invalid_request with the reason, not as internal.
+    return parse_request(
+        {
+            "input": job.input,
+            "effect": job.effect,
+            "output": job.output,
+            "mask_output": job.mask_output,
+            "queue": job.queue,
+            **job.params,
+        }
     )
 
 
@@ -224,8 +237,7 @@ def _execute(job_id: str, settings: Settings, *, final_try: bool) -> None:
         return
     finally:
         leases.drop(job_id, attempt)
-    with session_scope(settings.database_url) as session:
-        recorded = jobs.succeed(session, job_id, attempt, **result)
+    recorded = _record(settings, lambda session: jobs.succeed(session, job_id, attempt, **result))
     if recorded:
         metrics.record_job("succeeded", None, result["timings_ms"])
         log.info("succeeded in %.0f ms", sum(result["timings_ms"].values()))
@@ -236,8 +248,24 @@ def _execute(job_id: str, settings: Settings, *, final_try: bool) -> None:
 def _record_failure(settings: Settings, job_id: str, attempt: int, exc: BackdropError) -> None:
     log.info("failed: %s", exc)
     metrics.record_job("failed", exc.code, {})
-    with session_scope(settings.database_url) as session:
-        jobs.fail(session, job_id, attempt, exc.code, exc.message)
+    _record(settings, lambda session: jobs.fail(session, job_id, attempt, exc.code, exc.message))
+
+
+def _record(settings: Settings, write: Callable[[Any], bool]) -> bool:
+    """Write a job's outcome, waiting out a database outage for up to RECORD_PATIENCE_S:
+    the work is done, and redoing it because PostgreSQL restarted would waste it."""
+    deadline = time.monotonic() + RECORD_PATIENCE_S
+    delay = 0.25
+    while True:
+        try:
+            with session_scope(settings.database_url) as session:
+                return write(session)
+        except DatabaseUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("cannot record the outcome yet (%s); trying again", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def backoff_seconds(retries: int) -> float:

@@ -145,18 +145,52 @@ def _fetched_weights(location: str, fetch: Fetch) -> Path:
     if target.is_file():
         return target
     log.info("fetching weights %s into %s", location, target)
+    # Fetched beside the target and renamed only once verified: a half-fetched or tampered
+    # file never sits in the cache where the next start would trust it.
+    partial = target.with_name(f".{target.name}.part")
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fetch(location, target)
+        fetch(location, partial)
     except TransientError:
+        partial.unlink(missing_ok=True)
         raise  # the store is down, not the configuration wrong: let the caller retry
     except Exception as exc:
+        partial.unlink(missing_ok=True)
         raise WeightsUnavailable(
             f"could not fetch BACKDROP_WEIGHTS={location}: {exc}; check the location and the "
             "worker's storage credentials"
         ) from None
-    if not target.is_file():
+    if not partial.is_file():
         raise WeightsUnavailable(f"fetching BACKDROP_WEIGHTS={location} produced no file")
+    try:
+        verify_hash_prefix(partial, name)
+    except WeightsUnavailable:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
     return target
+
+
+def verify_hash_prefix(path: Path, name: str | None = None) -> str:
+    """The file's sha256; raises if its name (torchvision style, `-<hex>.pth`) promises
+    another. A name without a hash prefix promises nothing and is not checked."""
+    name = name or path.name
+    digest = _sha256(path)
+    match = _HASH_PREFIX.search(name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsUnavailable(
+            f"{name}: sha256 {digest[:12]}… does not start with {match.group(1)} as its name "
+            "says; the file is corrupt or not the published one. Nothing was cached"
+        )
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _download(url: str, target: Path) -> Path:
@@ -313,3 +347,40 @@ def weights_identity(path: Path) -> str:
     with _identities_lock:
         _identities[key] = identity
     return identity
+
+
+# --- pulling for offline clusters ----------------------------------------------------------
+
+# Uploads a local file to a location (s3://…); the CLI passes its storage's upload_file.
+Upload = Callable[[Path, str], None]
+
+
+@dataclass(frozen=True)
+class Pulled:
+    model: str
+    path: Path
+    sha256: str
+    pushed_to: str | None  # the BACKDROP_WEIGHTS value for workers, when pushed
+
+
+def pull(
+    model_name: str,
+    push_to: str | None = None,
+    *,
+    upload: Upload | None = None,
+    url: str | None = None,
+) -> Pulled:
+    """Download (or take from the torch hub cache) a model's published weights, verify them
+    against the sha256 prefix in their file name, and optionally upload them, under the same
+    name, below the `push_to` prefix: workers given that location verify them again."""
+    path = resolve_weights(model_name, None, url=url)
+    # The cache may hold a file that predates the verified download: check it all the same.
+    digest = verify_hash_prefix(path)
+    pushed_to = None
+    if push_to:
+        if upload is None:
+            raise WeightsUnavailable(f"no storage is configured to push to {push_to}")
+        pushed_to = f"{push_to.rstrip('/')}/{path.name}"
+        log.info("uploading %s to %s", path, pushed_to)
+        upload(path, pushed_to)
+    return Pulled(model=model_name, path=path, sha256=digest, pushed_to=pushed_to)

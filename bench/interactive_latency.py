@@ -1,0 +1,273 @@
+"""Backfill submission rate, and interactive-job latency with and without a backfill running.
+
+Needs PostgreSQL (127.0.0.1:5432, user postgres), Redis (127.0.0.1:6379) and the worker extra
+(torch): it starts a moto S3 server and a real `backdrop worker` (random-init DeepLabV3-
+MobileNetV3 at 256 px, CPU), in a fresh database it drops at the end.
+
+    .venv/bin/python bench/interactive_latency.py [--objects 5000] [--photos 300] [--probes 20]
+
+Figures:
+- submission rate: a backfill over `--objects` keys (listing → fingerprints → skip query →
+  job insert → cursor, then publish), timed until the last job is queued; once with
+  backpressure off (max_in_flight above the total) and once at max_in_flight=1000 with a
+  fake completer (so the limit, not the completer, paces it: that is the cost of the waits).
+- interactive latency: submit→finish (finished_at − created_at) of interactive jobs sent
+  one a second, first on an idle worker, then while a backfill of `--photos` photos runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import redis
+from PIL import Image
+from sqlalchemy import create_engine, select, text, update
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from producer import jobs
+from producer.backfill import Backfills, from_settings
+from producer.client import Client
+from producer.db import session_scope, upgrade
+from producer.models import Backfill, Job
+from producer.settings import Settings
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/13"
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def png(seed: int, size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 40 + seed % 50).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    with ThreadPoolExecutor(32) as pool:
+        list(
+            pool.map(
+                lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()
+            )
+        )
+
+
+def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def submitted(settings: Settings, backfill_id: str) -> int:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Backfill.submitted).where(Backfill.id == backfill_id)) or 0
+
+
+def submission_rate(engine: Backfills, source: str, out: str, total: int, limit: int) -> float:
+    created = engine.create(source, out, {}, limit)
+    started = time.perf_counter()
+    runner = engine.start_in_thread(created["id"])
+    stop = threading.Event()
+    completer = threading.Thread(target=complete_jobs, args=(engine.settings, out, stop))
+    completer.start()
+    wait_for(lambda: submitted(engine.settings, created["id"]) >= total, 600, "submission")
+    elapsed = time.perf_counter() - started
+    engine.cancel(created["id"])
+    stop.set()
+    runner.join()
+    completer.join()
+    return total / elapsed
+
+
+def complete_jobs(settings: Settings, prefix: str, stop: threading.Event) -> None:
+    """A fake worker for the rate run: marks the backfill's queued jobs succeeded in bulk."""
+    while not stop.wait(0.02):
+        with session_scope(settings.database_url) as session:
+            session.execute(
+                update(Job)
+                .where(Job.status == "queued", Job.output.startswith(prefix + "/"))
+                .values(status="succeeded", finished_at=jobs.now())
+            )
+
+
+def latency_probes(client: Client, location: str, count: int) -> list[float]:
+    """Submit one interactive job a second; return each one's submit→finish seconds."""
+    ids = []
+    for _ in range(count):
+        ids.append(client.submit(input=location, effect="blur")["id"])
+        time.sleep(1.0)  # the probe's pacing, not synchronisation
+    records = client.wait(ids, timeout=900)
+    with session_scope(client.settings.database_url) as session:
+        rows = session.execute(
+            select(Job.created_at, Job.finished_at).where(Job.id.in_([r["id"] for r in records]))
+        ).all()
+    return [(finished - created).total_seconds() for created, finished in rows]
+
+
+def summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
+    median = statistics.median(ordered)
+    return f"p50 {median:.2f} s, p95 {p95:.2f} s, max {ordered[-1]:.2f} s (n={len(ordered)})"
+
+
+def write_weights(folder: Path) -> Path:
+    import torch
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    path = folder / "mobilenet-random.pth"
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--objects", type=int, default=5000)
+    parser.add_argument("--photos", type=int, default=300)
+    parser.add_argument("--photo-size", type=int, default=256)
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--skip-rate", action="store_true", help="only the latency runs")
+    args = parser.parse_args()
+    os.environ.update(CREDENTIALS)
+    work = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
+    port = 5000 + os.getpid() % 1000
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    database = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    worker = None
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        wait_for(lambda: _answers(s3), 30, "moto")
+        bucket = "bench"
+        s3.create_bucket(Bucket=bucket)
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+        upgrade(url)
+        env = {
+            "BACKDROP_DATABASE_URL": url,
+            "BACKDROP_BROKER_URL": REDIS_URL,
+            "BACKDROP_S3_ENDPOINT_URL": endpoint,
+            "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/interactive-out",
+            "BACKDROP_DATA_DIR": str(work / "data"),
+            "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
+            "BACKDROP_WEIGHTS": str(write_weights(work)),
+            "BACKDROP_MODEL_INPUT_SIZE": "256",
+            "BACKDROP_DEVICE": "cpu",
+        }
+        settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
+        engine = from_settings(settings)
+
+        print(f"uploading {args.objects} keys and {args.photos} photos …", flush=True)
+        tiny = png(0, 8)
+        upload(endpoint, bucket, {f"many/{i:05d}.png": tiny for i in range(args.objects)})
+        upload(
+            endpoint,
+            bucket,
+            {f"photos/{i:04d}.png": png(i, args.photo_size) for i in range(args.photos)},
+        )
+        rate_runs = (
+            ()
+            if args.skip_rate
+            else (
+                ("backpressure off", args.objects * 10),
+                ("max_in_flight=1000", 1000),
+            )
+        )
+        for label, limit in rate_runs:
+            rate = submission_rate(
+                engine, f"s3://{bucket}/many/", f"s3://{bucket}/rate-{limit}", args.objects, limit
+            )
+            print(
+                f"submission rate, {args.objects} objects, {label}: {rate:.0f} jobs/s", flush=True
+            )
+
+        # The rate runs were canceled with their messages still in `bulk`: drop them, or the
+        # worker spends the latency run discarding thousands of canceled jobs' messages.
+        redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker"],
+            env={**os.environ, **env},
+            stdout=(work / "worker.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: " ready." in (work / "worker.log").read_text(), 180, "worker start")
+        client = Client(settings)
+        probe = f"s3://{bucket}/probe.png"
+        s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
+        client.wait([client.submit(input=probe)["id"]], timeout=300)  # warm-up
+        idle = latency_probes(client, probe, args.probes)
+        print(f"interactive latency, idle worker: {summary(idle)}", flush=True)
+
+        created = engine.create(
+            f"s3://{bucket}/photos/", f"s3://{bucket}/backfill-out", {"effect": "blur"}
+        )
+        started = time.perf_counter()
+        runner = engine.start_in_thread(created["id"])
+        wait_for(lambda: submitted(settings, created["id"]) > 0, 60, "backfill start")
+        busy = latency_probes(client, probe, args.probes)
+        in_flight = engine.get(created["id"])["counts"]["in_flight"]
+        print(
+            f"interactive latency, during a {args.photos}-photo backfill: {summary(busy)}",
+            flush=True,
+        )
+        print(f"  backfill jobs still in flight after the probes: {in_flight}", flush=True)
+        runner.join()
+        record = engine.get(created["id"])
+        elapsed = time.perf_counter() - started
+        done = record["counts"]["succeeded"]
+        print(
+            f"backfill {record['status']}: {done} photos in {elapsed:.1f} s "
+            f"({done / elapsed:.1f} photos/s on this CPU worker)",
+            flush=True,
+        )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+        moto.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+        from producer.db import get_engine
+
+        get_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}").dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        s3.list_buckets()
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    main()

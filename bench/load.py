@@ -1,0 +1,197 @@
+"""Load: N jobs submitted in bulk through the HTTP API, run by a real worker to the end.
+
+Prints the figures: submission rate (jobs/s through POST /v1/jobs), completion rate, jobs lost
+(accepted but not final, or succeeded with no output), jobs doubled (outputs stored for failed
+jobs, or objects with no succeeded job), and whether database and storage agree.
+
+    .venv/bin/python bench/load.py [--jobs 5000]
+
+Self-contained: starts a moto S3 server, dedicated PostgreSQL and Redis servers (tests/stack.py)
+and one worker with a random-init DeepLabV3-MobileNetV3 at a 64-pixel model input.
+tests/test_load.py runs the same code with fewer jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from PIL import Image
+
+TOKEN = "load-" + uuid.uuid4().hex
+# Every FAIL_EVERY-th job names a missing input: it must fail, and leave no output.
+FAIL_EVERY = 50
+SUBMIT_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class LoadFigures:
+    jobs: int
+    submit_s: float
+    complete_s: float
+    succeeded: int
+    failed: int
+    lost: int
+    doubled: int
+    outputs_stored: int
+
+    @property
+    def submit_rate(self) -> float:
+        return self.jobs / self.submit_s
+
+    @property
+    def completion_rate(self) -> float:
+        return self.jobs / self.complete_s
+
+    def lines(self) -> list[str]:
+        return [
+            f"jobs submitted:            {self.jobs}",
+            f"submission rate (API):     {self.submit_rate:,.0f} jobs/s ({self.submit_s:.2f} s)",
+            f"completion rate:           {self.completion_rate:,.1f} jobs/s "
+            f"({self.complete_s:.1f} s from first submit to last final)",
+            f"succeeded / failed:        {self.succeeded} / {self.failed}",
+            f"jobs lost:                 {self.lost}",
+            f"jobs doubled:              {self.doubled}",
+            f"outputs in storage:        {self.outputs_stored}",
+        ]
+
+
+def tiny_photo(seed: int = 0) -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
+    """Submit `count` jobs through the API of `stack` (tests.stack.Stack) and wait for all."""
+    from fastapi.testclient import TestClient
+
+    from producer.api import create_app
+    from producer.settings import Settings
+
+    photo = stack.upload(f"load-{uuid.uuid4().hex[:6]}/photo.png", tiny_photo())
+    prefix = f"s3://{stack.bucket}/load-out-{uuid.uuid4().hex[:6]}"
+    requests = [
+        {
+            "input": photo if i % FAIL_EVERY else f"s3://{stack.bucket}/absent/{i}.png",
+            "output": f"{prefix}/{i}.png",
+            "queue": "bulk",
+        }
+        for i in range(count)
+    ]
+    settings = Settings(**{**stack.settings.model_dump(), "api_tokens": [TOKEN]})
+    app = create_app(settings, client=stack.client)
+    job_ids: list[str] = []
+    with TestClient(app) as http:
+        started = time.monotonic()
+        for start_at in range(0, count, SUBMIT_CHUNK):
+            response = http.post(
+                "/v1/jobs",
+                json=requests[start_at : start_at + SUBMIT_CHUNK],
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert response.status_code == 202, response.text
+            job_ids.extend(record["id"] for record in response.json())
+        submit_s = time.monotonic() - started
+    deadline = time.monotonic() + timeout
+    while not stack.all_final(job_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    complete_s = time.monotonic() - started
+
+    records = stack.records(job_ids)
+    stored = {info.location for info in stack.storage.list(prefix + "/")}
+    succeeded = {r["output"] for r in records.values() if r["status"] == "succeeded"}
+    failed = {r["output"] for r in records.values() if r["status"] == "failed"}
+    not_final = len(job_ids) - len(succeeded) - len(failed)
+    lost = not_final + len(succeeded - stored)
+    doubled = len(stored & failed) + len(stored - succeeded - failed)
+    return LoadFigures(
+        jobs=count,
+        submit_s=submit_s,
+        complete_s=complete_s,
+        succeeded=len(succeeded),
+        failed=len(failed),
+        lost=lost,
+        doubled=doubled,
+        outputs_stored=len(stored),
+    )
+
+
+def main() -> None:
+    import subprocess
+    import tempfile
+
+    import torch
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    from tests.conftest import S3_TEST_CREDENTIALS, free_port, poll_until
+    from tests.stack import build_stack
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    import os
+
+    os.environ.update(S3_TEST_CREDENTIALS)
+    folder = Path(tempfile.mkdtemp(prefix="backdrop-load-"))
+    weights = folder / "mobilenet-random.pth"
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
+    torch.save(model.state_dict(), weights)
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    stack = None
+    try:
+        import socket
+
+        def moto_up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            except OSError:
+                return False
+            return True
+
+        poll_until(moto_up, timeout=30, what="moto")
+        stack = build_stack(folder, endpoint, weights, **LOAD_ENV)
+        stack.start_workers(1, BACKDROP_S3_ENDPOINT_URL=endpoint)
+        figures = run_load(stack, args.jobs, timeout=args.timeout)
+        print("\n".join(figures.lines()))
+    finally:
+        if stack is not None:
+            stack.close()
+        moto.terminate()
+        moto.wait(timeout=10)
+
+
+# The worker's settings under load: bigger batches, the smallest model input.
+LOAD_ENV = {
+    "BACKDROP_MODEL_INPUT_SIZE": "64",
+    "BACKDROP_MAX_BATCH": "16",
+    "BACKDROP_MAX_WAIT_MS": "10",
+    "BACKDROP_JOB_LEASE_S": "30",
+    "BACKDROP_VISIBILITY_TIMEOUT_S": "600",
+}
+
+
+if __name__ == "__main__":
+    main()
