@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -387,6 +387,18 @@ def retry(session: Session, job_id: str) -> Job:
         raise InvalidTransition(f"job {job_id} is {job.status}; only failed jobs can be retried")
     session.expire_all()
     return get(session, job_id)
+
+
+def queued_before(session: Session, queue: str, moment: datetime, *, limit: int) -> list[str]:
+    """Queued jobs of a queue that have not moved since `moment` (oldest first)."""
+    since = func.coalesce(Job.started_at, Job.created_at)
+    query = (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED.value, Job.queue == queue, since < moment)
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
 
 
 def failed_ids(session: Session, limit: int = 10_000) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from celery import Celery
 
@@ -16,8 +17,11 @@ from producer import broker, jobs
 from producer.db import session_scope
 from producer.errors import TransientError
 from producer.settings import Settings
+from producer.stats import queue_depths
 
 log = logging.getLogger(__name__)
+
+ORPHAN_BATCH = 1000
 
 
 class LeaseKeeper:
@@ -63,7 +67,31 @@ class LeaseKeeper:
                 broker.enqueue(self._celery, reaped.requeued)
         for job_id in reaped.lost:
             log.error("job %s failed with worker_lost: it killed every worker it ran on", job_id)
+        self.republish_orphans()
         return reaped
+
+    def republish_orphans(self) -> list[str]:
+        """Publish again the queued jobs of a queue the broker holds nothing for.
+
+        A job can sit `queued` with no message: its message was taken just as Redis went
+        down, or the process that published it died between commit and publish. Only an
+        empty queue is checked, so a long backlog is never duplicated; a stray duplicate is
+        harmless because start() lets one attempt own a job.
+        """
+        depths = queue_depths(self._settings, [])
+        if depths is None:
+            return []
+        older_than = jobs.now() - timedelta(seconds=self._settings.job_lease_s)
+        orphans: list[tuple[str, str]] = []
+        with session_scope(self._settings.database_url) as session:
+            for queue, depth in depths.items():
+                if depth == 0:
+                    ids = jobs.queued_before(session, queue, older_than, limit=ORPHAN_BATCH)
+                    orphans += [(job_id, queue) for job_id in ids]
+        if orphans:
+            log.warning("re-publishing %d queued jobs that had no message", len(orphans))
+            broker.enqueue(self._celery, orphans)
+        return [job_id for job_id, _ in orphans]
 
     def _run(self) -> None:
         interval = self._settings.job_lease_s / 3

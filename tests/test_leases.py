@@ -1,0 +1,58 @@
+"""The lease keeper: requeues dead workers' jobs and gives message-less queued jobs a message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from producer import broker, jobs
+from producer.db import session_scope
+from producer.leases import LeaseKeeper
+from producer.request import JobRequest
+from producer.settings import Settings
+from tests.conftest import REDIS_TEST_URL, poll_until, redis_url_for_tests
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def keeper(db_url: str) -> LeaseKeeper:
+    settings = Settings(database_url=db_url, broker_url=redis_url_for_tests(), job_lease_s=0.05)
+    return LeaseKeeper(settings, broker.make_celery(settings))
+
+
+def _queued_ids(queue: str) -> list[str]:
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)]
+
+
+def _create(db_url: str, queue: str = "interactive") -> str:
+    with session_scope(db_url) as session:
+        (created,) = jobs.create(session, [JobRequest(input="s3://b/k.png", queue=queue)], "s3://o")
+    return created.job.id
+
+
+def test_a_queued_job_with_no_message_is_published_once_its_queue_is_empty(
+    keeper: LeaseKeeper, db_url: str
+) -> None:
+    job_id = _create(db_url, "bulk")
+    poll_until(lambda: keeper.republish_orphans() == [job_id], timeout=10, what="a republish")
+    assert _queued_ids("bulk") == [job_id]
+    # Its queue is no longer empty: nothing is published twice.
+    assert keeper.republish_orphans() == []
+    assert _queued_ids("bulk") == [job_id]
+
+
+def test_a_dead_workers_job_is_requeued_with_a_new_message(
+    keeper: LeaseKeeper, db_url: str
+) -> None:
+    job_id = _create(db_url)
+    with session_scope(db_url) as session:
+        jobs.start(session, job_id, "dead-worker", lease_s=-1)
+    reaped = keeper.beat()
+    assert reaped.requeued == [(job_id, "interactive")]
+    assert _queued_ids("interactive") == [job_id]
+    with session_scope(db_url) as session:
+        assert jobs.get(session, job_id).status == "queued"
