@@ -26,7 +26,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "compose-spec.json"
 ENV_EXAMPLE = REPO / ".env.example"
 PROMETHEUS_FILE = REPO / "infra" / "prometheus.yml"
-# The longest batch each kind of worker may take (docs/deployment.md); the stop grace period
+# The longest batch each kind of worker may take (README, "Deployment"); the stop grace period
 # must cover the two batches a worker has in hand.
 LONGEST_BATCH_S = {"worker": 120, "worker-cpu": 300}
 
