@@ -66,6 +66,7 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_backfill_status", "backfill_id", "status"),
         Index("ix_jobs_fingerprint", "fingerprint"),
+        Index("ux_jobs_output", "output", unique=True),
     )
 
     def to_record(self) -> dict[str, Any]:
