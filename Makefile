@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/refine_error.py
 	$(PY) bench/composite_speed.py
 	$(PY) bench/model_speed.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf .backdrop demo-output .pytest_cache .ruff_cache

@@ -236,14 +236,17 @@ def renew(session: Session, owned: Sequence[tuple[str, int]], lease_s: float) ->
     return renewed
 
 
-def release(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
-    """running → queued after a transient failure, keeping the reason until the next try."""
+def release(
+    session: Session, job_id: str, attempt: int, code: str, message: str, *, hold_s: float = 0
+) -> bool:
+    """running → queued after a transient failure, keeping the reason until the next try.
+    `hold_s`: how long the retry is already scheduled for (no re-publishing meanwhile)."""
     result = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
         .values(
             status=JobStatus.QUEUED.value,
-            lease_expires_at=None,
+            lease_expires_at=now() + timedelta(seconds=hold_s) if hold_s > 0 else None,
             error_code=code,
             error_message=f"retrying after: {message}"[:2000],
         )
@@ -392,9 +395,10 @@ def retry(session: Session, job_id: str) -> Job:
 def queued_before(session: Session, queue: str, moment: datetime, *, limit: int) -> list[str]:
     """Queued jobs of a queue that have not moved since `moment` (oldest first)."""
     since = func.coalesce(Job.started_at, Job.created_at)
+    not_held = Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now())
     query = (
         select(Job.id)
-        .where(Job.status == JobStatus.QUEUED.value, Job.queue == queue, since < moment)
+        .where(Job.status == JobStatus.QUEUED.value, Job.queue == queue, since < moment, not_held)
         .order_by(Job.created_at)
         .limit(limit)
     )

@@ -56,3 +56,14 @@ def test_a_dead_workers_job_is_requeued_with_a_new_message(
     assert _queued_ids("interactive") == [job_id]
     with session_scope(db_url) as session:
         assert jobs.get(session, job_id).status == "queued"
+
+
+def test_a_job_waiting_out_its_retry_backoff_is_not_published_again(
+    keeper: LeaseKeeper, db_url: str
+) -> None:
+    held, orphan = _create(db_url), _create(db_url)
+    with session_scope(db_url) as session:
+        attempt = jobs.start(session, held, "worker-a", lease_s=60).attempts
+        jobs.release(session, held, attempt, "storage_unavailable", "503", hold_s=60)
+    poll_until(lambda: keeper.republish_orphans() == [orphan], timeout=10, what="a republish")
+    assert _queued_ids("interactive") == [orphan]

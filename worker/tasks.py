@@ -189,14 +189,22 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
     }
 
 
-def execute(job_id: str, *, final_try: bool) -> None:
-    """Start the job, run it, record the outcome. Transient errors propagate for a retry
-    unless this is the final try, when they are recorded with their code."""
+class RetryLater(Exception):
+    """The attempt failed transiently and the job is back in `queued`, held for a retry."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"retry in {countdown:.1f}s")
+        self.countdown = countdown
+
+
+def execute(job_id: str) -> None:
+    """Start the job, run it, record the outcome. A transient failure raises RetryLater
+    while the job has attempts left, and is recorded with its code on the last one."""
     with metrics.job_in_flight():
-        _execute(job_id, get_settings(), final_try=final_try)
+        _execute(job_id, get_settings())
 
 
-def _execute(job_id: str, settings: Settings, *, final_try: bool) -> None:
+def _execute(job_id: str, settings: Settings) -> None:
     with session_scope(settings.database_url) as session:
         job = jobs.start(session, job_id, worker_name(), settings.job_lease_s)
     if job is None:
@@ -220,12 +228,16 @@ def _execute(job_id: str, settings: Settings, *, final_try: bool) -> None:
         log.warning("%s; stopping without writing", exc)
         return
     except TransientError as exc:
-        if not final_try:
-            log.warning("transient failure, will retry: %s", exc)
+        if attempt < settings.max_attempts:
+            countdown = backoff_seconds(attempt - 1)
+            log.warning("transient failure, retrying in %.1fs: %s", countdown, exc)
+            # Held for the countdown, so the lease keeper does not take the job (whose retry
+            # message sits in this worker until then) for one that lost its message.
+            hold_s = countdown + settings.job_lease_s
             with session_scope(settings.database_url) as session:
-                jobs.release(session, job_id, attempt, exc.code, exc.message)
+                jobs.release(session, job_id, attempt, exc.code, exc.message, hold_s=hold_s)
             metrics.record_job("retrying", exc.code, {})
-            raise
+            raise RetryLater(countdown) from exc
         _record_failure(settings, job_id, attempt, exc)
         return
     except BackdropError as exc:
@@ -277,8 +289,11 @@ def backoff_seconds(retries: int) -> float:
 def process_job(self: Task, job_id: str) -> None:
     settings = get_settings()
     with job_context(job_id):
-        final_try = self.request.retries + 1 >= settings.max_attempts
         try:
-            execute(job_id, final_try=final_try)
-        except TransientError as exc:
+            execute(job_id)
+        except RetryLater as later:
+            raise self.retry(countdown=later.countdown, exc=later.__cause__) from None
+        except TransientError as exc:  # before the job could start, e.g. database down
+            if self.request.retries + 1 >= settings.max_attempts:
+                raise  # the job stays queued; the lease keeper re-publishes it
             raise self.retry(countdown=backoff_seconds(self.request.retries), exc=exc) from None
