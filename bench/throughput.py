@@ -48,12 +48,12 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/13"
 
 
-def make_photos(count: int) -> list[bytes]:
+def make_photos(count: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> list[bytes]:
     folder = Path(skimage.data.__file__).parent
     sources = [cv2.imread(str(folder / f"{name}.png")) for name in PHOTOS]
     photos = []
     for i in range(count):
-        width, height = SIZES[i % len(SIZES)]
+        width, height = sizes[i % len(sizes)]
         big = cv2.resize(sources[i % len(sources)], (width, height), interpolation=cv2.INTER_CUBIC)
         photos.append(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
     return photos
@@ -281,7 +281,7 @@ def main() -> None:
         sizes = [int(line.rsplit(" ", 1)[-1]) for line in batch_lines]
         memory = None
         if args.memory_jobs:
-            small = make_photos(8)
+            small = make_photos(8, ((640, 480),))
             locations = services.upload(small)
             first = [locations[i % len(locations)] for i in range(200)]
             rest = [locations[i % len(locations)] for i in range(args.memory_jobs - 200)]

@@ -58,6 +58,10 @@ def session_scope(url: str) -> Iterator[Session]:
         session.commit()
     except (OperationalError, DBAPIError) as exc:
         session.rollback()
+        if _missing_schema(exc):
+            raise DatabaseUnavailable(
+                "the database has no Backdrop tables yet: run `backdrop db upgrade`"
+            ) from exc
         if isinstance(exc, OperationalError) or exc.connection_invalidated:
             raise DatabaseUnavailable(f"database error: {type(exc.orig).__name__}") from exc
         raise
@@ -66,6 +70,11 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def _missing_schema(exc: DBAPIError) -> bool:
+    text = str(exc.orig)
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
 
 
 def upgrade(url: str) -> None:
