@@ -18,6 +18,7 @@ from producer.broker import QUEUE_NAMES
 from producer.db import session_scope
 from producer.settings import Settings
 from tests.conftest import REDIS_TEST_URL, require_service
+from tests.conftest import run_to_end as finish_job
 
 pytestmark = pytest.mark.integration
 
@@ -93,22 +94,10 @@ def redis_depth(settings: Settings, queue: str) -> int:
 
 def run_to_end(settings: Settings, job_id: str, error_code: str | None = None) -> None:
     """Drive a job through the worker's transitions without a worker."""
-    with session_scope(settings.database_url) as session:
-        attempt = jobs.start(session, job_id, "worker-test", 60).attempts
-    with session_scope(settings.database_url) as session:
-        if error_code:
-            jobs.fail(session, job_id, attempt, error_code, f"{error_code} happened")
-        else:
-            jobs.succeed(
-                session,
-                job_id,
-                attempt,
-                model_name="deeplabv3_resnet101",
-                model_weights="w",
-                timings_ms={"segment": 10.0},
-                input_size=(4, 3),
-                foreground_fraction=0.5,
-            )
+    error = (error_code, f"{error_code} happened") if error_code else None
+    finish_job(
+        settings.database_url, job_id, error=error, timings_ms={"segment": 10.0}, input_size=(4, 3)
+    )
 
 
 def start(settings: Settings, job_id: str) -> None:

@@ -16,7 +16,7 @@ from producer.api import create_app
 from producer.db import session_scope
 from producer.request import JobRequest
 from producer.settings import Settings
-from tests.conftest import poll_until, require_service
+from tests.conftest import poll_until, require_service, run_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -37,22 +37,14 @@ def add_job(url: str, request: JobRequest, *, error: tuple[str, str] | None = No
     with session_scope(url) as session:
         (created,) = jobs.create(session, [request], "file:///unused")
         job_id = created.job.id
-    with session_scope(url) as session:
-        attempt = jobs.start(session, job_id, "worker-dash", 60).attempts
-    with session_scope(url) as session:
-        if error:
-            jobs.fail(session, job_id, attempt, *error)
-        else:
-            jobs.succeed(
-                session,
-                job_id,
-                attempt,
-                model_name="deeplabv3_resnet101",
-                model_weights="w",
-                timings_ms={"segment": 40.0, "upload": 4.0},
-                input_size=(512, 512),
-                foreground_fraction=0.4,
-            )
+    run_to_end(
+        url,
+        job_id,
+        worker="worker-dash",
+        error=error,
+        timings_ms={"segment": 40.0, "upload": 4.0},
+        input_size=(512, 512),
+    )
     return job_id
 
 

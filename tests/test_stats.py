@@ -19,6 +19,7 @@ from producer.models import Job
 from producer.request import JobRequest
 from producer.settings import Settings
 from producer.stats import collect, percentile
+from tests.conftest import run_to_end
 from tests.test_api import redis_broker_url
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -47,22 +48,8 @@ def finish(
 ) -> str:
     """A job run to its end by `worker`, then back-dated to known timestamps."""
     job_id = create(url)
-    with session_scope(url) as session:
-        attempt = jobs.start(session, job_id, worker, 60).attempts
-    with session_scope(url) as session:
-        if error_code:
-            jobs.fail(session, job_id, attempt, error_code, f"{error_code} for {job_id}")
-        else:
-            jobs.succeed(
-                session,
-                job_id,
-                attempt,
-                model_name="deeplabv3_resnet101",
-                model_weights="w",
-                timings_ms=timings_ms or {},
-                input_size=(8, 8),
-                foreground_fraction=0.5,
-            )
+    error = (error_code, f"{error_code} for {job_id}") if error_code else None
+    run_to_end(url, job_id, worker=worker, error=error, timings_ms=timings_ms)
     finished_at = NOW - finished_ago
     created_at = finished_at - timedelta(milliseconds=latency_ms)
     with session_scope(url) as session:
