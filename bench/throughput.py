@@ -304,6 +304,9 @@ def main() -> None:
     print(f"(c)/(a, batch {args.max_batch}) = {versus_model:.2f}x")
     print(f"end-to-end jobs failed: {len(failed)}; model batches: {len(sizes)}, ", end="")
     print(f"mean size {np.mean(sizes):.1f}, max {max(sizes)}")
+    stages = sorted({stage for r in records for stage in r["timings_ms"] or {}})
+    means = {st: np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in records]) for st in stages}
+    print("end-to-end mean stage ms: " + ", ".join(f"{st} {ms:.0f}" for st, ms in means.items()))
     if memory:
         rss_200, rss_n = memory
         growth = (rss_n / rss_200 - 1) * 100

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     weights: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(default=8, ge=1, le=256)
+    # Torch's intra-op threads on a CPU worker; None: every core (see worker/runner.py).
+    torch_threads: int | None = Field(default=None, ge=1, le=512)
     max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     # Letterbox side the model sees; 520 is torchvision's evaluation size for these weights.
     model_input_size: int = Field(default=520, ge=64, le=2048)

@@ -4,7 +4,7 @@ DeepLabV3 predicts at 1/8 of its input resolution, so its mask is a smooth blob 
 the subject's outline by several pixels. A colour guided filter (He et al., "Guided Image
 Filtering") fits the mask locally as a linear function of the photo's colours, which moves
 its transitions onto the colour edges. The "fast" variant (He & Sun, 2015) solves that fit at
-a working resolution of about a megapixel and applies it at full resolution, so the cost of a
+a working resolution of about 0.4 megapixels and applies it at full resolution, so the cost of a
 12 MP photo is one upsample and a few multiply-adds per pixel.
 """
 
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 # The fit is solved at most at this many pixels; larger photos use the upsampled solution.
-WORKING_PIXELS = 1_000_000
+WORKING_PIXELS = 400000
 # Two passes, radii as shares of the working image's shorter side. The first pulls the
 # model's wide, blurry transition towards the colour edges; its output is steepened by
 # EDGE_GAIN around 0.5 (the model's blur, not the subject, made it wide); the second, a few
