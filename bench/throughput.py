@@ -6,7 +6,8 @@
   (c) end to end: jobs submitted through the Python client into Redis, photos in S3 (moto's
       HTTP server on loopback), records in PostgreSQL, processed by a real `backdrop worker`.
 
-Random-init weights unless --weights is given: speed does not depend on the values.
+Random-init weights unless --weights is given: speed does not depend on their values, as
+long as the masks they give vary (see write_random_weights).
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for (c).
 
     .venv/bin/python bench/throughput.py [--model deeplabv3_mobilenet_v3_large] [--photos 24]
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -60,10 +62,23 @@ def make_photos(count: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> list[
 
 
 def write_random_weights(model: str, folder: Path) -> Path:
+    """Random-init weights whose masks vary across the photo, as real weights' do.
+
+    Plain random init collapses every activation, so every mask is one constant and the
+    worker's refinement skips its work; BatchNorm statistics measured on noise bring the
+    activations back, so every stage costs what it would with the published weights.
+    """
     torch.manual_seed(0)
     net = MODELS[model].builder(
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
     )
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(4, 3, 128, 128))
     path = folder / f"{model}-random.pth"
     torch.save(net.state_dict(), path)
     return path
@@ -120,6 +135,31 @@ def tutorial_loop(model: torch.nn.Module, photos: list[bytes], input_size: int) 
     return len(photos) / (time.perf_counter() - started)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes have used so far (threads included)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone: a PostgreSQL backend that closed
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def pids_named(name: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -135,11 +175,9 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
 
 
 class Services:
-    """A fresh PostgreSQL database, a Redis DB, moto's S3 server and a real worker."""
+    """A fresh PostgreSQL database, a Redis DB, moto's S3 server, and a real worker."""
 
-    def __init__(
-        self, weights: Path, model: str, max_batch: int, input_size: int, folder: Path
-    ) -> None:
+    def __init__(self, weights: Path, model: str, input_size: int, folder: Path) -> None:
         self.db_name = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
         self.admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
         with self.admin.connect() as connection:
@@ -166,7 +204,6 @@ class Services:
             "BACKDROP_ALLOWED_BUCKETS": "bench",
             "BACKDROP_MODEL": model,
             "BACKDROP_WEIGHTS": str(weights),
-            "BACKDROP_MAX_BATCH": str(max_batch),
             "BACKDROP_MODEL_INPUT_SIZE": str(input_size),
             "BACKDROP_DEVICE": "auto",
             "BACKDROP_DATA_DIR": str(folder),
@@ -178,21 +215,44 @@ class Services:
         self.client = Client(
             self.settings, storage=Storage(self.settings), celery=broker.make_celery(self.settings)
         )
-        self.log = folder / "worker.log"
+        self.folder = folder
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self, max_batch: int) -> None:
+        self.log = self.folder / f"worker-batch-{max_batch}.log"
         with self.log.open("w") as log_file:
             self.worker = subprocess.Popen(
                 [sys.executable, "-m", "producer.cli", "worker"],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, "BACKDROP_MAX_BATCH": str(max_batch)},
             )
+        worker = self.worker
         wait_for(
-            lambda: " ready." in self.log.read_text() or self.worker.poll() is not None,
+            lambda: " ready." in self.log.read_text() or worker.poll() is not None,
             120,
             "the worker",
         )
-        if self.worker.poll() is not None:
+        if worker.poll() is not None:
             raise SystemExit(self.log.read_text()[-3000:])
+
+    def stop_worker(self) -> None:
+        if self.worker is None:
+            return
+        self.worker.send_signal(signal.SIGTERM)
+        try:
+            self.worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+        self.worker = None
+
+    def batch_sizes(self) -> list[int]:
+        """The size of every model batch the current worker has logged."""
+        return [
+            int(line.rsplit(" ", 1)[-1])
+            for line in self.log.read_text().splitlines()
+            if "segmenting a batch of" in line
+        ]
 
     def upload(self, photos: list[bytes]) -> list[str]:
         locations = []
@@ -208,18 +268,26 @@ class Services:
         finished = self.client.wait([r["id"] for r in records], timeout=3600)
         return len(locations) / (time.perf_counter() - started), finished
 
+    def processes(self) -> dict[str, list[int]]:
+        """Where the CPU goes during (c), by process (PostgreSQL: every backend)."""
+        assert self.worker is not None
+        return {
+            "worker": [self.worker.pid],
+            "S3 server": [self.s3.pid],
+            "PostgreSQL": pids_named("postgres"),
+            "Redis": pids_named("redis-server"),
+            "producer (submit + wait)": [os.getpid()],
+        }
+
     def worker_rss_mb(self) -> float:
+        assert self.worker is not None
         for line in Path(f"/proc/{self.worker.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
     def close(self) -> None:
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
+        self.stop_worker()
         self.s3.terminate()
         from producer.db import get_engine
 
@@ -236,6 +304,67 @@ def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
         return False
 
 
+@dataclass
+class EndToEnd:
+    """(c) at one max batch size, over several rounds."""
+
+    max_batch: int
+    rates: list[float] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return float(np.mean(self.rates))
+
+    def measure(self, services: Services, photos: list[bytes]) -> None:
+        locations = services.upload(photos)
+        processes = services.processes()
+        before = {name: cpu_seconds(pids) for name, pids in processes.items()}
+        rate, self.records = services.run(locations)
+        self.rates.append(rate)
+        self.cpu_ms = {
+            name: (cpu_seconds(pids) - before[name]) / len(photos) * 1000
+            for name, pids in processes.items()
+        }
+
+
+def measure_end_to_end(
+    services: Services, photos: list[bytes], batches: list[int], rounds: int, tutorial
+) -> tuple[dict[int, EndToEnd], list[float]]:  # type: ignore[no-untyped-def]
+    """Per max batch size: a fresh worker, warmed up, then rounds of (b) and (c) in turn, so
+    both see the same machine (a noisy neighbour slows both, not one)."""
+    results, tutorial_rates = {}, []
+    for batch in batches:
+        services.start_worker(batch)
+        try:
+            services.run(services.upload(photos[:4]))  # warm-up: model load, first shapes
+            skip = len(services.batch_sizes())
+            result = EndToEnd(batch)
+            for _ in range(rounds):
+                tutorial_rates.append(tutorial())
+                result.measure(services, photos)
+            result.batch_sizes = services.batch_sizes()[skip:]
+            results[batch] = result
+        finally:
+            services.stop_worker()
+    return results, tutorial_rates
+
+
+def measure_memory(services: Services, jobs: int, max_batch: int) -> tuple[float, float]:
+    """Worker RSS after 200 jobs and after `jobs` (small photos, so it runs in minutes)."""
+    services.start_worker(max_batch)
+    try:
+        locations = services.upload(make_photos(8, ((640, 480),)))
+        services.run([locations[i % len(locations)] for i in range(200)])
+        after_200 = services.worker_rss_mb()
+        services.run([locations[i % len(locations)] for i in range(jobs - 200)])
+        return after_200, services.worker_rss_mb()
+    finally:
+        services.stop_worker()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large", choices=list(MODELS))
@@ -243,6 +372,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--input-size", type=int, default=520)
+    parser.add_argument("--rounds", type=int, default=2, help="(b) and (c) rounds, alternated")
     parser.add_argument(
         "--memory-jobs",
         type=int,
@@ -262,56 +392,82 @@ def main() -> None:
     print(f"model: {args.model}, input size {args.input_size}, weights {segmenter.weights_id}")
     sizes_text = ", ".join(f"{w}x{h}" for w, h in SIZES)
     print(f"photos: {len(photos)} JPEGs at {sizes_text}; max batch {args.max_batch}")
+    print(f"(b) and (c) alternate over {args.rounds} rounds; figures are their means")
 
     batches = sorted({1, args.max_batch})
     model_rates = {b: model_only(segmenter, photos, b) for b in batches}
-    tutorial_rate = tutorial_loop(load_model(args.model, weights), photos, args.input_size)
     del segmenter
+    tutorial_model = load_model(args.model, weights)
 
-    services = Services(weights, args.model, args.max_batch, args.input_size, folder)
+    services = Services(weights, args.model, args.input_size, folder)
     try:
-        services.run(services.upload(photos[:4]))  # warm-up: model load, first shapes
-        e2e_rate, records = services.run(services.upload(photos))
-        failed = [r for r in records if r["status"] != "succeeded"]
-        batch_lines = [
-            line
-            for line in services.log.read_text().splitlines()
-            if "segmenting a batch of" in line
-        ]
-        sizes = [int(line.rsplit(" ", 1)[-1]) for line in batch_lines]
-        memory = None
-        if args.memory_jobs:
-            small = make_photos(8, ((640, 480),))
-            locations = services.upload(small)
-            first = [locations[i % len(locations)] for i in range(200)]
-            rest = [locations[i % len(locations)] for i in range(args.memory_jobs - 200)]
-            services.run(first)
-            rss_200 = services.worker_rss_mb()
-            services.run(rest)
-            memory = (rss_200, services.worker_rss_mb())
+        e2e, tutorial_rates = measure_end_to_end(
+            services,
+            photos,
+            batches,
+            args.rounds,
+            lambda: tutorial_loop(tutorial_model, photos, args.input_size),
+        )
+        memory = (
+            measure_memory(services, args.memory_jobs, args.max_batch) if args.memory_jobs else None
+        )
     finally:
         services.close()
+    report(
+        model_rates,
+        float(np.mean(tutorial_rates)),
+        e2e,
+        args.max_batch,
+        memory,
+        args.memory_jobs,
+    )
 
+
+def report(
+    model_rates: dict[int, float],
+    tutorial_rate: float,
+    e2e: dict[int, EndToEnd],
+    max_batch: int,
+    memory: tuple[float, float] | None,
+    memory_jobs: int,
+) -> None:
     print()
     print(f"{'pipeline':52} {'images/s':>9}")
     for b, rate in model_rates.items():
         print(f"{'(a) model only, batch ' + str(b):52} {rate:9.2f}")
     print(f"{'(b) tutorial loop, one at a time, in process':52} {tutorial_rate:9.2f}")
-    print(f"{'(c) end to end: Redis + S3 + PostgreSQL + worker':52} {e2e_rate:9.2f}")
+    for b, result in e2e.items():
+        label = f"(c) end to end, max batch {b}: Redis + S3 + PostgreSQL"
+        print(f"{label:52} {result.rate:9.2f}")
+    best = e2e[max_batch]
     print()
-    versus_model = e2e_rate / model_rates[args.max_batch]
-    print(f"(c)/(b) = {e2e_rate / tutorial_rate:.2f}x    ", end="")
-    print(f"(c)/(a, batch {args.max_batch}) = {versus_model:.2f}x")
-    print(f"end-to-end jobs failed: {len(failed)}; model batches: {len(sizes)}, ", end="")
-    print(f"mean size {np.mean(sizes):.1f}, max {max(sizes)}")
-    stages = sorted({stage for r in records for stage in r["timings_ms"] or {}})
-    means = {st: np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in records]) for st in stages}
-    print("end-to-end mean stage ms: " + ", ".join(f"{st} {ms:.0f}" for st, ms in means.items()))
+    print(f"(c)/(b) = {best.rate / tutorial_rate:.2f}x    ", end="")
+    print(f"(c)/(a) at batch {max_batch} = {best.rate / model_rates[max_batch]:.2f}x    ", end="")
+    print(f"(c) batch {max_batch} / (c) batch 1 = {best.rate / e2e[1].rate:.2f}x")
+    for b, result in e2e.items():
+        failed = sum(r["status"] != "succeeded" for r in result.records)
+        sizes = result.batch_sizes or [0]
+        print(
+            f"max batch {b}: jobs failed {failed}; model batches {len(sizes)}, "
+            f"mean size {np.mean(sizes):.1f}, max {max(sizes)}"
+        )
+        stages = sorted({st for r in result.records for st in r["timings_ms"] or {}})
+        means = {
+            st: np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in result.records])
+            for st in stages
+        }
+        print("  mean stage ms: " + ", ".join(f"{st} {ms:.0f}" for st, ms in means.items()))
+        capacity = (os.cpu_count() or 1) / result.rates[-1] * 1000
+        print(
+            "  CPU ms per job: "
+            + ", ".join(f"{name} {ms:.0f}" for name, ms in result.cpu_ms.items())
+            + f"; total {sum(result.cpu_ms.values()):.0f} of {capacity:.0f} available"
+        )
     if memory:
         rss_200, rss_n = memory
         growth = (rss_n / rss_200 - 1) * 100
         print(f"worker RSS after 200 jobs: {rss_200:.0f} MB; ", end="")
-        print(f"after {args.memory_jobs}: {rss_n:.0f} MB ({growth:+.1f}%)")
+        print(f"after {memory_jobs}: {rss_n:.0f} MB ({growth:+.1f}%)")
 
 
 if __name__ == "__main__":

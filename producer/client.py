@@ -129,11 +129,17 @@ class Client:
         """Poll until every job is final; TimeoutError names the ones still open."""
         deadline = time.monotonic() + timeout
         delay = 0.05
+        finished: dict[str, Record] = {}
+        open_ids = list(dict.fromkeys(job_ids))
         while True:
-            records = [self.get(job_id) for job_id in job_ids]
-            open_ids = [r["id"] for r in records if not JobStatus(r["status"]).final]
+            # Only the jobs still open, in a few queries: waiting on thousands of jobs must not
+            # take a core away from the workers it waits for.
+            with session_scope(self.settings.database_url) as session:
+                records = [job.to_record() for job in jobs.get_many(session, open_ids)]
+            finished.update((r["id"], r) for r in records if JobStatus(r["status"]).final)
+            open_ids = [job_id for job_id in open_ids if job_id not in finished]
             if not open_ids:
-                return records
+                return [finished[job_id] for job_id in job_ids]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"jobs not finished after {timeout:.0f}s: {open_ids[:10]}")
             time.sleep(delay)

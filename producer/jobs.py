@@ -23,7 +23,8 @@ from producer.models import Job, JobStatus
 from producer.request import JobRequest
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-INSERT_CHUNK = 2000
+# Rows or ids per statement: well under the bound-parameter limits of SQLite and PostgreSQL.
+STATEMENT_CHUNK = 2000
 
 
 def now() -> datetime:
@@ -79,8 +80,8 @@ def create(
     inserted: set[str] = set()
     fresh = _check_outputs_free(session, rows)
     # Chunked only to stay under SQLite's bound-parameter limit; PostgreSQL takes it in one go.
-    for start_at in range(0, len(fresh), INSERT_CHUNK):
-        chunk = fresh[start_at : start_at + INSERT_CHUNK]
+    for start_at in range(0, len(fresh), STATEMENT_CHUNK):
+        chunk = fresh[start_at : start_at + STATEMENT_CHUNK]
         statement = (
             insert(Job)
             .values(chunk)
@@ -118,8 +119,8 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
     job can ever overwrite another one's result."""
     keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
     known: set[str] = set()
-    for start_at in range(0, len(keys), INSERT_CHUNK):
-        chunk = keys[start_at : start_at + INSERT_CHUNK]
+    for start_at in range(0, len(keys), STATEMENT_CHUNK):
+        chunk = keys[start_at : start_at + STATEMENT_CHUNK]
         known.update(
             session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.in_(chunk)))
         )
@@ -130,8 +131,8 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
             raise InvalidRequest(f"output {row['output']} is named twice in this request")
         seen.add(row["output"])
     outputs = [row["output"] for row in fresh]
-    for start_at in range(0, len(outputs), INSERT_CHUNK):
-        chunk = outputs[start_at : start_at + INSERT_CHUNK]
+    for start_at in range(0, len(outputs), STATEMENT_CHUNK):
+        chunk = outputs[start_at : start_at + STATEMENT_CHUNK]
         taken = session.scalars(select(Job.output).where(Job.output.in_(chunk)).limit(1)).first()
         if taken is not None:
             raise InvalidRequest(
@@ -145,8 +146,8 @@ def withdraw(session: Session, job_ids: Sequence[str]) -> int:
     """Delete jobs that were created but could not be queued, unless a worker already
     started them (then they run to the end). Returns how many were deleted."""
     deleted = 0
-    for start_at in range(0, len(job_ids), INSERT_CHUNK):
-        chunk = list(job_ids[start_at : start_at + INSERT_CHUNK])
+    for start_at in range(0, len(job_ids), STATEMENT_CHUNK):
+        chunk = list(job_ids[start_at : start_at + STATEMENT_CHUNK])
         result = session.execute(
             delete(Job)
             .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value, Job.attempts == 0)
@@ -161,6 +162,18 @@ def get(session: Session, job_id: str) -> Job:
     if job is None:
         raise JobNotFound(f"no job with id {job_id}")
     return job
+
+
+def get_many(session: Session, job_ids: Sequence[str]) -> list[Job]:
+    """The jobs in the order asked, a few queries for any number of them."""
+    found: dict[str, Job] = {}
+    for start in range(0, len(job_ids), STATEMENT_CHUNK):
+        chunk = job_ids[start : start + STATEMENT_CHUNK]
+        found.update((job.id, job) for job in session.scalars(select(Job).where(Job.id.in_(chunk))))
+    missing = [job_id for job_id in job_ids if job_id not in found]
+    if missing:
+        raise JobNotFound(f"no job with id {missing[0]}")
+    return [found[job_id] for job_id in job_ids]
 
 
 def listing(

@@ -207,3 +207,15 @@ def test_renewing_keeps_only_the_leases_the_worker_still_owns(db_url: str) -> No
     with session_scope(db_url) as session:
         assert jobs.renew(session, [(mine, my_attempt), (stolen, old_attempt)], 60) == 1
         assert jobs.reap(session, max_attempts=5).requeued == []
+
+
+def test_many_jobs_are_looked_up_in_the_order_asked_and_a_missing_one_is_named(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "STATEMENT_CHUNK", 2)  # several statements, stitched in order
+    created = _create(db_url, *(_request(output=f"s3://out/{i}.png") for i in range(5)))
+    ids = [c.job.id for c in reversed(created)]
+    with session_scope(db_url) as session:
+        assert [job.id for job in jobs.get_many(session, ids)] == ids
+        with pytest.raises(JobNotFound, match="no job with id nope"):
+            jobs.get_many(session, [ids[0], "nope"])

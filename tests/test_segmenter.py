@@ -1,4 +1,4 @@
-"""Segmenter: letterboxed batched inference into soft foreground maps."""
+"""Segmenter: batched inference, grouped by canvas shape, into soft foreground maps."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+from torchvision.models.segmentation import (
+    deeplabv3_mobilenet_v3_large,
+    deeplabv3_resnet50,
+    deeplabv3_resnet101,
+)
 from torchvision.transforms.functional import normalize
 
 from producer.request import VOC_CLASSES
-from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, fold_batchnorm
 
 SIDE = 128
 PERSON = VOC_CLASSES.index("person")
@@ -19,7 +23,7 @@ CAR = VOC_CLASSES.index("car")
 ALL_CLASSES = list(range(1, len(VOC_CLASSES)))
 
 
-def lively_mobilenet() -> torch.nn.Module:
+def lively(builder=deeplabv3_mobilenet_v3_large) -> torch.nn.Module:  # type: ignore[no-untyped-def]
     """A random-init model whose output varies with the image.
 
     Plain random init collapses every activation to ~0, so every map would be the same
@@ -27,7 +31,7 @@ def lively_mobilenet() -> torch.nn.Module:
     noise (as a data-dependent init) bring the activations back.
     """
     torch.manual_seed(0)
-    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
+    model = builder(weights=None, weights_backbone=None)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
@@ -35,13 +39,13 @@ def lively_mobilenet() -> torch.nn.Module:
     model.train()
     with torch.no_grad():
         model(torch.randn(4, 3, SIDE, SIDE))
-        model.classifier[4].weight.mul_(5)  # more contrast between classes and pixels
+        model.classifier[-1].weight.mul_(5)  # more contrast between classes and pixels
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return lively_mobilenet()
+    return lively()
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,61 @@ def test_auto_picks_the_cpu_without_a_gpu(model: torch.nn.Module) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert Segmenter(model, name="m", weights_id="w").device == torch.device("cpu")
+
+
+class CountingForwards:
+    """Counts the backbone's forward passes and the batch size of each."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.batches: list[int] = []
+        backbone = segmenter._model.backbone
+        self._hook = backbone.register_forward_hook(
+            lambda _module, args, _out: self.batches.append(args[0].shape[0])
+        )
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def test_photos_of_one_aspect_ratio_share_one_forward_pass_whatever_their_resolution(
+    segmenter: Segmenter,
+) -> None:
+    counter = CountingForwards(segmenter)
+    try:
+        segmenter.predict(
+            [photo(300, 400, 1), photo(600, 800, 2), photo(1200, 1600, 3)], [[PERSON]] * 3
+        )
+    finally:
+        counter.close()
+    assert counter.batches == [3]
+
+
+def test_other_aspect_ratios_run_as_one_forward_pass_each_and_keep_their_order(
+    segmenter: Segmenter,
+) -> None:
+    images = [photo(300, 400, 1), photo(400, 300, 2), photo(600, 800, 3), photo(800, 600, 4)]
+    counter = CountingForwards(segmenter)
+    try:
+        maps = segmenter.predict(images, [[PERSON]] * 4)
+    finally:
+        counter.close()
+    assert sorted(counter.batches) == [2, 2]
+    assert [m.shape for m in maps] == [(96, 128), (128, 96), (96, 128), (128, 96)]
+    for image, batched in zip(images, maps, strict=True):
+        (alone,) = segmenter.predict([image], [[PERSON]])
+        assert np.abs(batched - alone).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "builder", [deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101]
+)
+def test_folding_batchnorm_into_convolutions_keeps_every_models_output(builder) -> None:  # type: ignore[no-untyped-def]
+    model = lively(builder)
+    image = torch.randn(1, 3, 72, 96)
+    with torch.no_grad():
+        before = model(image)["out"]
+        folded = fold_batchnorm(model)
+        after = folded(image)["out"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert before.std() > 0.1  # a real output, not a constant
+    torch.testing.assert_close(after, before, atol=1e-3 * before.abs().max().item(), rtol=1e-3)

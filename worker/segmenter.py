@@ -1,12 +1,17 @@
 """The segmenter: batched DeepLabV3 inference that turns photos into soft foreground maps.
 
-Every image is letterboxed into the same square so a whole batch is one forward pass with a
-fixed input geometry (cudnn picks its kernels once). The maps come back at model resolution;
-the caller scales them to the photo and refines the edges.
+Each image is scaled so its longest side is the input size and placed at the top left of a
+canvas whose short side is rounded up to a multiple of SHAPE_STEP. Images that share a canvas
+shape (every photo of one aspect ratio, whatever its resolution) run in one forward pass, and
+an image's map never depends on its batch-mates. The short step keeps padding under a few
+percent (a square canvas wastes a quarter of the compute on a 4:3 photo) while the number of
+distinct shapes stays small enough for cudnn to tune each once. The maps come back at model
+resolution; the caller scales them to the photo and refines the edges.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -15,6 +20,9 @@ from typing import Self
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from worker.weights import NUM_CLASSES, Fetch, load_model, resolve_weights, weights_identity
 
@@ -24,6 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The mean as a pixel value: letterbox padding normalises to (almost exactly) zero.
 _PAD_PIXEL = tuple(round(m * 255) for m in IMAGENET_MEAN)
+SHAPE_STEP = 32
 
 
 def pick_device(device: str) -> torch.device:
@@ -53,11 +62,15 @@ class Segmenter:
         self._cuda = self.device.type == "cuda"
         # fp16 halves memory traffic on GPU; CPU kernels are fastest (and exact) in fp32.
         self._dtype = torch.float16 if self._cuda else torch.float32
-        model = model.eval().to(self.device, dtype=self._dtype)
         if self._cuda:
-            torch.backends.cudnn.benchmark = True  # the input shape never changes
-            model = model.to(memory_format=torch.channels_last)
-        self._model = model
+            torch.backends.cudnn.benchmark = True  # few canvas shapes, each tuned once
+        # channels_last on CPU too: oneDNN's NHWC convolutions (depthwise ones above all) run
+        # about twice as fast as NCHW ones on the MobileNet.
+        self._model = (
+            fold_batchnorm(model.eval())
+            .to(self.device, dtype=self._dtype)
+            .to(memory_format=torch.channels_last)
+        )
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape) * 255
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(shape) * 255
@@ -107,40 +120,83 @@ class Segmenter:
         for image in images:
             _check_image(image)
         selection = _class_selection(classes).to(self.device)
-        canvas, sizes = self._letterbox(images)
-        probabilities = self._probabilities(canvas)
-        maps = torch.einsum("nchw,nc->nhw", probabilities, selection).clamp_(0, 1).cpu().numpy()
-        # Copies, so a caller holding one map does not keep the whole batch alive.
-        return [maps[i, :h, :w].copy() for i, (h, w) in enumerate(sizes)]
+        fitted = [_fit(image, self.input_size) for image in images]
+        maps: list[np.ndarray | None] = [None] * len(images)
+        for shape, members in _group_by_canvas(fitted, self.input_size).items():
+            canvas = self._canvas([fitted[i] for i in members], shape)
+            probabilities = self._probabilities(canvas)
+            chosen = selection[members]
+            group = torch.einsum("nchw,nc->nhw", probabilities, chosen).clamp_(0, 1).cpu().numpy()
+            for row, i in enumerate(members):
+                h, w = fitted[i].shape[:2]
+                # A copy, so a caller holding one map does not keep the whole group alive.
+                maps[i] = group[row, :h, :w].copy()
+        return maps  # type: ignore[return-value]
 
-    def _letterbox(
-        self, images: Sequence[np.ndarray]
-    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """All images in one uint8 (N, S, S, 3) canvas, each at top left; their content sizes."""
-        side = self.input_size
-        # Filled in place through numpy; pinned on CUDA so the upload is an async DMA copy.
-        canvas = torch.empty((len(images), side, side, 3), dtype=torch.uint8, pin_memory=self._cuda)
+    def _canvas(self, fitted: Sequence[np.ndarray], shape: tuple[int, int]) -> torch.Tensor:
+        """The fitted images in one uint8 (N, H, W, 3) canvas, each at top left."""
+        # Filled in place through numpy; pinned on CUDA so the upload is an async DMA copy
+        # (torch's caching host allocator hands the same pinned blocks back call after call).
+        canvas = torch.empty((len(fitted), *shape, 3), dtype=torch.uint8, pin_memory=self._cuda)
         pixels = canvas.numpy()
         pixels[:] = _PAD_PIXEL
-        sizes = []
-        for slot, image in zip(pixels, images, strict=True):
-            resized = _fit(image, side)
-            h, w = resized.shape[:2]
-            slot[:h, :w] = resized
-            sizes.append((h, w))
-        return canvas, sizes
+        for slot, image in zip(pixels, fitted, strict=True):
+            h, w = image.shape[:2]
+            slot[:h, :w] = image
+        return canvas
 
     def _probabilities(self, canvas: torch.Tensor) -> torch.Tensor:
-        """Softmax over the 21 classes, float32 (N, 21, S, S)."""
+        """Softmax over the 21 classes, float32 (N, 21, H, W): DeepLabV3's forward, unrolled
+        so the logits are upsampled in the plain layout, which is faster than channels_last."""
         batch = canvas.to(self.device, non_blocking=True)
-        # NHWC viewed as NCHW is already channels_last in memory, which the GPU model wants.
+        # NHWC viewed as NCHW is already channels_last in memory, which the model wants.
         batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
-        if self._cuda:
-            batch = batch.to(self._dtype).contiguous(memory_format=torch.channels_last)
-        else:
-            batch = batch.contiguous()
-        logits = self._model(batch)["out"]
-        return logits.float().softmax(dim=1)
+        batch = batch.to(self._dtype).contiguous(memory_format=torch.channels_last)
+        features = self._model.backbone(batch)["out"]
+        logits = self._model.classifier(features).float().contiguous()
+        logits = F.interpolate(logits, size=canvas.shape[1:3], mode="bilinear", align_corners=False)
+        return logits.softmax(dim=1)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold each inference-mode BatchNorm into the convolution that feeds it, in place.
+
+    Same outputs (to float rounding), one pass fewer over every activation map. A pair is
+    folded only where the BatchNorm is known to be applied straight to that convolution's
+    output: neighbours in a Sequential, or torchvision ResNet's convN/bnN attributes.
+    """
+    children = list(module.named_children())
+    for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
+        if (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(bn, nn.BatchNorm2d)
+            and _applied_in_order(module, conv_name, bn_name)
+        ):
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+    for _, child in module.named_children():
+        fold_batchnorm(child)
+    return module
+
+
+def _applied_in_order(module: nn.Module, conv_name: str, bn_name: str) -> bool:
+    if isinstance(module, nn.Sequential):
+        return True
+    return conv_name.startswith("conv") and bn_name == "bn" + conv_name.removeprefix("conv")
+
+
+def _group_by_canvas(fitted: Sequence[np.ndarray], side: int) -> dict[tuple[int, int], list[int]]:
+    """Image indices by canvas shape: the fitted size, short side rounded up to SHAPE_STEP."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(fitted):
+        h, w = image.shape[:2]
+        shape = (min(side, _round_up(h, SHAPE_STEP)), min(side, _round_up(w, SHAPE_STEP)))
+        groups.setdefault(shape, []).append(i)
+    return groups
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def _fit(image: np.ndarray, side: int) -> np.ndarray:
