@@ -245,3 +245,21 @@ def test_folding_batchnorm_into_convolutions_keeps_every_models_output(builder) 
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert before.std() > 0.1  # a real output, not a constant
     torch.testing.assert_close(after, before, atol=1e-3 * before.abs().max().item(), rtol=1e-3)
+
+
+def test_half_precision_as_on_a_gpu_gives_the_same_maps_to_within_fp16_rounding() -> None:
+    # The CUDA path's fp16 model and input handling, run on the CPU.
+    images = [photo(96, 128, seed=11), photo(128, 80, seed=12)]
+    classes = [ALL_CLASSES, ALL_CLASSES]
+    full = Segmenter(lively(), name="m", weights_id="w", device="cpu", input_size=SIDE)
+    half = Segmenter(lively(), name="m", weights_id="w", device="cpu", input_size=SIDE, half=True)
+    assert half._model.classifier[-1].weight.dtype == torch.float16
+    for exact, rounded in zip(
+        full.predict(images, classes), half.predict(images, classes), strict=True
+    ):
+        assert rounded.dtype == np.float32 and rounded.shape == exact.shape
+        assert np.abs(rounded - exact).mean() < 0.01
+        # This deliberately high-contrast model amplifies rounding on a few pixels; the
+        # foreground they describe is the same.
+        assert np.mean((rounded > 0.5) != (exact > 0.5)) < 0.01
+        assert exact.std() > 0.05

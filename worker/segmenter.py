@@ -54,14 +54,16 @@ class Segmenter:
         weights_id: str,
         device: str = "auto",
         input_size: int = 520,
+        half: bool | None = None,
     ) -> None:
+        """`half`: fp16 weights and activations; by default on CUDA only."""
         self.name = name
         self.weights_id = weights_id
         self.device = pick_device(device)
         self.input_size = input_size
         self._cuda = self.device.type == "cuda"
         # fp16 halves memory traffic on GPU; CPU kernels are fastest (and exact) in fp32.
-        self._dtype = torch.float16 if self._cuda else torch.float32
+        self._dtype = torch.float16 if (self._cuda if half is None else half) else torch.float32
         if self._cuda:
             torch.backends.cudnn.benchmark = True  # few canvas shapes, each tuned once
         # channels_last on CPU too: oneDNN's NHWC convolutions (depthwise ones above all) run
