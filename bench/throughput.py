@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -352,17 +353,45 @@ def measure_end_to_end(
     return results, tutorial_rates
 
 
-def measure_memory(services: Services, jobs: int, max_batch: int) -> tuple[float, float]:
-    """Worker RSS after 200 jobs and after `jobs` (small photos, so it runs in minutes)."""
+def measure_memory(services: Services, jobs: int, max_batch: int) -> dict[str, float]:
+    """Worker RSS, peak and at the end, over the first 200 jobs and over the last 200 of
+    `jobs` (small photos, so it runs in minutes). Peaks, sampled 5 times a second, are what
+    an out-of-memory killer sees."""
     services.start_worker(max_batch)
     try:
         locations = services.upload(make_photos(8, ((640, 480),)))
-        services.run([locations[i % len(locations)] for i in range(200)])
-        after_200 = services.worker_rss_mb()
-        services.run([locations[i % len(locations)] for i in range(jobs - 200)])
-        return after_200, services.worker_rss_mb()
+
+        def run(count: int) -> float:
+            return peak_rss_mb(
+                services, lambda: services.run([locations[i % 8] for i in range(count)])
+            )
+
+        figures = {"first 200 peak": run(200), "first 200 end": services.worker_rss_mb()}
+        run(jobs - 400)
+        figures["last 200 peak"] = run(200)
+        figures["last 200 end"] = services.worker_rss_mb()
+        return figures
     finally:
         services.stop_worker()
+
+
+def peak_rss_mb(services: Services, work) -> float:  # type: ignore[no-untyped-def]
+    peak, done = 0.0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, services.worker_rss_mb())
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak
 
 
 def main() -> None:
@@ -428,7 +457,7 @@ def report(
     tutorial_rate: float,
     e2e: dict[int, EndToEnd],
     max_batch: int,
-    memory: tuple[float, float] | None,
+    memory: dict[str, float] | None,
     memory_jobs: int,
 ) -> None:
     print()
@@ -464,10 +493,11 @@ def report(
             + f"; total {sum(result.cpu_ms.values()):.0f} of {capacity:.0f} available"
         )
     if memory:
-        rss_200, rss_n = memory
-        growth = (rss_n / rss_200 - 1) * 100
-        print(f"worker RSS after 200 jobs: {rss_200:.0f} MB; ", end="")
-        print(f"after {memory_jobs}: {rss_n:.0f} MB ({growth:+.1f}%)")
+        print(f"worker RSS over {memory_jobs} jobs, MB: ", end="")
+        print(", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
+        for kind in ("peak", "end"):
+            growth = (memory[f"last 200 {kind}"] / memory[f"first 200 {kind}"] - 1) * 100
+            print(f"  {kind}: last 200 vs first 200 jobs {growth:+.1f}%")
 
 
 if __name__ == "__main__":
