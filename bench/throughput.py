@@ -11,7 +11,11 @@ long as the masks they give vary (see write_random_weights).
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for (c).
 
     .venv/bin/python bench/throughput.py [--model deeplabv3_mobilenet_v3_large] [--photos 24]
-        [--max-batch 8] [--memory-jobs 0]
+        [--max-batch 8] [--rounds 2] [--input-size 520] [--tutorial-size 520]
+        [--memory-jobs 0]
+
+The worker's model sees the photo's long side at --input-size; the tutorial's sees its short
+side at --tutorial-size. `--input-size 693` gives both the same pixels on these 4:3 photos.
 """
 
 from __future__ import annotations
@@ -400,7 +404,18 @@ def main() -> None:
     parser.add_argument("--weights", type=Path)
     parser.add_argument("--photos", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--input-size", type=int, default=520)
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=520,
+        help="the worker's BACKDROP_MODEL_INPUT_SIZE: the LONG side the model sees",
+    )
+    parser.add_argument(
+        "--tutorial-size",
+        type=int,
+        default=520,
+        help="the tutorial's T.Resize: the SHORT side (693 long on a 4:3 photo at 520)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="(b) and (c) rounds, alternated")
     parser.add_argument(
         "--memory-jobs",
@@ -418,7 +433,10 @@ def main() -> None:
         args.model, weights=str(weights), device=device, input_size=args.input_size
     )
     print(f"device: {device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)")
-    print(f"model: {args.model}, input size {args.input_size}, weights {segmenter.weights_id}")
+    print(
+        f"model: {args.model}, weights {segmenter.weights_id}; model input: worker long side "
+        f"{args.input_size}, tutorial short side {args.tutorial_size}"
+    )
     sizes_text = ", ".join(f"{w}x{h}" for w, h in SIZES)
     print(f"photos: {len(photos)} JPEGs at {sizes_text}; max batch {args.max_batch}")
     print(f"(b) and (c) alternate over {args.rounds} rounds; figures are their means")
@@ -435,7 +453,7 @@ def main() -> None:
             photos,
             batches,
             args.rounds,
-            lambda: tutorial_loop(tutorial_model, photos, args.input_size),
+            lambda: tutorial_loop(tutorial_model, photos, args.tutorial_size),
         )
         memory = (
             measure_memory(services, args.memory_jobs, args.max_batch) if args.memory_jobs else None
