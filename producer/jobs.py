@@ -287,7 +287,10 @@ def reap(session: Session, max_attempts: int) -> Reaped:
             finished_at=moment,
             lease_expires_at=None,
             error_code="worker_lost",
-            error_message=f"the worker died during each of {max_attempts} attempts",
+            error_message=(
+                f"each of {max_attempts} attempts ended without a result: the worker died "
+                "or the attempt overran BACKDROP_JOB_TIMEOUT_S"
+            ),
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)

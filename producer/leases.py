@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from celery import Celery
@@ -25,10 +27,15 @@ ORPHAN_BATCH = 1000
 
 
 class LeaseKeeper:
-    def __init__(self, settings: Settings, celery: Celery) -> None:
+    def __init__(
+        self, settings: Settings, celery: Celery, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._settings = settings
         self._celery = celery
-        self._owned: set[tuple[str, int]] = set()
+        self._clock = clock
+        # (job id, attempt) -> when this process started it; overdue: already reported.
+        self._owned: dict[tuple[str, int], float] = {}
+        self._overdue: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backdrop-leases", daemon=True)
@@ -42,16 +49,17 @@ class LeaseKeeper:
 
     def hold(self, job_id: str, attempt: int) -> None:
         with self._lock:
-            self._owned.add((job_id, attempt))
+            self._owned[job_id, attempt] = self._clock()
 
     def drop(self, job_id: str, attempt: int) -> None:
         with self._lock:
-            self._owned.discard((job_id, attempt))
+            self._owned.pop((job_id, attempt), None)
+            self._overdue.discard((job_id, attempt))
 
     def beat(self) -> jobs.Reaped:
-        """Renew what this process holds, then reap and requeue what nobody holds."""
-        with self._lock:
-            owned = sorted(self._owned)
+        """Renew what this process holds (but overrunning attempts), then reap and requeue
+        what nobody holds."""
+        owned = self._renewable()
         url = self._settings.database_url
         with session_scope(url) as session:
             jobs.renew(session, owned, self._settings.job_lease_s)
@@ -69,6 +77,24 @@ class LeaseKeeper:
             log.error("job %s failed with worker_lost: it killed every worker it ran on", job_id)
         self.republish_orphans()
         return reaped
+
+    def _renewable(self) -> list[tuple[str, int]]:
+        limit = self._settings.job_timeout_s
+        moment = self._clock()
+        with self._lock:
+            renewable = sorted(key for key, since in self._owned.items() if moment - since < limit)
+            overdue = [key for key in self._owned if key not in renewable]
+            newly = [key for key in overdue if key not in self._overdue]
+            self._overdue.update(newly)
+        for job_id, attempt in newly:
+            log.error(
+                "job %s: attempt %d has run for over %.0fs (BACKDROP_JOB_TIMEOUT_S); its lease "
+                "is no longer renewed, so the job will be retried elsewhere",
+                job_id,
+                attempt,
+                limit,
+            )
+        return renewable
 
     def republish_orphans(self) -> list[str]:
         """Publish again the queued jobs of a queue the broker holds nothing for.

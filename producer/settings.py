@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # A running job's lease: renewed by its worker every third of it; when it runs out (the
     # worker died), the reaper requeues the job. Bounds recovery time after a crash.
     job_lease_s: float = Field(default=60.0, gt=0)
+    # An attempt still running after this long (a thread stuck in a decoder on a hostile
+    # photo, say) stops having its lease renewed, so the job is retried elsewhere and ends
+    # worker_lost after max_attempts instead of staying `running` forever.
+    job_timeout_s: float = Field(default=600.0, gt=0)
 
     @field_validator("allowed_buckets", "local_roots", "api_tokens", mode="before")
     @classmethod

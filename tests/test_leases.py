@@ -67,3 +67,26 @@ def test_a_job_waiting_out_its_retry_backoff_is_not_published_again(
         jobs.release(session, held, attempt, "storage_unavailable", "503", hold_s=60)
     poll_until(lambda: keeper.republish_orphans() == [orphan], timeout=10, what="a republish")
     assert _queued_ids("interactive") == [orphan]
+
+
+def test_an_attempt_that_overruns_the_job_timeout_loses_its_lease_and_is_requeued(
+    db_url: str,
+) -> None:
+    settings = Settings(
+        database_url=db_url, broker_url=redis_url_for_tests(), job_lease_s=60, job_timeout_s=50
+    )
+    clock = [1000.0]
+    keeper = LeaseKeeper(settings, broker.make_celery(settings), clock=lambda: clock[0])
+    stuck, busy = _create(db_url), _create(db_url)
+    for job_id in (stuck, busy):
+        with session_scope(db_url) as session:
+            # Leases already run out: only a renewal in beat() keeps a job running.
+            attempt = jobs.start(session, job_id, "this-worker", lease_s=-1).attempts
+        keeper.hold(job_id, attempt)
+        clock[0] += 40  # stuck started 80 s before the beat, busy 40 s
+    reaped = keeper.beat()
+    assert reaped.requeued == [(stuck, "interactive")]
+    assert _queued_ids("interactive") == [stuck]
+    with session_scope(db_url) as session:
+        assert jobs.get(session, stuck).status == "queued"
+        assert jobs.get(session, busy).status == "running"
