@@ -117,11 +117,8 @@ def _listing_chunks(
 ) -> Iterator[Chunk]:
     items: list[Item] = []
     position = cursor
-    # A resume lists from the start again and drops what the cursor covers: Storage.list has
-    # no start-after, and listing is cheap next to processing.
-    for info in storage.list(source, page_size=1000):
-        if cursor is not None and info.location <= cursor:
-            continue
+    # A resume lists from the cursor on (S3's StartAfter), not from the start again.
+    for info in storage.list(source, page_size=1000, start_after=cursor):
         position = info.location
         if not _under(info.location, exclude):
             items.append(Item(info.location, info.etag, _relative(info.location, source)))

@@ -211,8 +211,12 @@ class Storage:
             return False
         return True
 
-    def list(self, prefix: str, *, page_size: int = 1000) -> Iterator[ObjectInfo]:
-        """Objects whose location starts with `prefix`, sorted by key, fetched page by page.
+    def list(
+        self, prefix: str, *, page_size: int = 1000, start_after: str | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Objects whose location starts with `prefix`, sorted by key, fetched page by page;
+        with `start_after` (a location), only those after it, so a resumed backfill of
+        millions of objects does not list again what it has done (S3 starts there).
 
         A file prefix that names a directory lists that directory's tree; otherwise it matches
         file names in its parent directory that start with its last part. Symlinks are skipped:
@@ -220,8 +224,12 @@ class Storage:
         """
         target = self._resolve(prefix, prefix=True)
         if isinstance(target, _S3Object):
-            return self._s3_list(target, page_size)
-        return self._file_list(prefix, target)
+            listing = self._s3_list(target, page_size, start_after)
+        else:
+            listing = self._file_list(prefix, target)
+        if start_after is None:
+            return listing
+        return (info for info in listing if info.location > start_after)
 
     def download_file(self, location: str, path: Path) -> None:
         """Stream an object into a local file (model weights: large, so never held in memory)."""
@@ -310,12 +318,19 @@ class Storage:
             raise _too_large(target.location, len(data), max_bytes)
         return data
 
-    def _s3_list(self, target: _S3Object, page_size: int) -> Iterator[ObjectInfo]:
+    def _s3_list(
+        self, target: _S3Object, page_size: int, start_after: str | None
+    ) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
+        bucket_prefix = f"{S3_SCHEME}{target.bucket}/"
+        options = {}
+        if start_after is not None and start_after.startswith(bucket_prefix):
+            options["StartAfter"] = start_after.removeprefix(bucket_prefix)
         pages = paginator.paginate(
             Bucket=target.bucket,
             Prefix=target.key,
             PaginationConfig={"PageSize": page_size},
+            **options,
         )
         with self._s3_errors(f"{S3_SCHEME}{target.bucket}/{target.key}"):
             # S3 returns keys in UTF-8 binary order, which is the order promised here.

@@ -352,6 +352,35 @@ def test_s3_list_with_a_small_page_size_returns_every_key_once(
     assert listed == [f"s3://{s3_bucket}/{key}" for key in keys]
 
 
+def test_s3_list_can_start_after_a_location_for_a_resumed_listing(
+    storage: Storage, s3: Any, s3_bucket: str
+) -> None:
+    keys = sorted(f"in/{name}.png" for name in ("a", "b", "c/0", "c/1", "d"))
+    for key in keys:
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"1")
+    s3.put_object(Bucket=s3_bucket, Key="zz/after-the-prefix.png", Body=b"1")
+    prefix = f"s3://{s3_bucket}/in/"
+
+    listed = [
+        info.location for info in storage.list(prefix, page_size=2, start_after=f"{prefix}c/0.png")
+    ]
+
+    assert listed == [f"s3://{s3_bucket}/in/c/1.png", f"s3://{s3_bucket}/in/d.png"]
+
+
+def test_file_list_can_start_after_a_location(storage: Storage, root: Path) -> None:
+    for name in ("a.png", "b/x.png", "b/y.png", "c.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"1")
+
+    listed = storage.list(root.as_uri() + "/", start_after=(root / "b/x.png").as_uri())
+
+    assert [info.location for info in listed] == [
+        (root / "b/y.png").as_uri(),
+        (root / "c.png").as_uri(),
+    ]
+
+
 def test_file_list_walks_the_tree_in_key_order_skipping_symlinks_and_temporary_files(
     storage: Storage, root: Path, outside: Path
 ) -> None:
