@@ -41,11 +41,14 @@ import skimage.data
 import torch
 from sqlalchemy import create_engine, text
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from producer import broker
 from producer.client import Client
 from producer.db import upgrade
 from producer.settings import Settings
 from producer.storage import Storage
+from tests.lively import calibrate_on_noise
 from worker.segmenter import Segmenter
 from worker.weights import MODELS, NUM_CLASSES, load_model
 
@@ -67,23 +70,14 @@ def make_photos(count: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> list[
 
 
 def write_random_weights(model: str, folder: Path) -> Path:
-    """Random-init weights whose masks vary across the photo, as real weights' do.
-
-    Plain random init collapses every activation, so every mask is one constant and the
-    worker's refinement skips its work; BatchNorm statistics measured on noise bring the
-    activations back, so every stage costs what it would with the published weights.
-    """
+    """Random-init weights whose masks vary across the photo, as real weights' do, so every
+    stage (refinement above all) costs what it would with the published weights."""
     torch.manual_seed(0)
-    net = MODELS[model].builder(
-        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
+    net = calibrate_on_noise(
+        MODELS[model].builder(
+            weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
+        )
     )
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    net.train()
-    with torch.no_grad():
-        net(torch.randn(4, 3, 128, 128))
     path = folder / f"{model}-random.pth"
     torch.save(net.state_dict(), path)
     return path

@@ -15,6 +15,7 @@ from torchvision.models.segmentation import (
 from torchvision.transforms.functional import normalize
 
 from producer.request import VOC_CLASSES
+from tests.lively import calibrate_on_noise
 from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, fold_batchnorm
 
 SIDE = 128
@@ -24,23 +25,12 @@ ALL_CLASSES = list(range(1, len(VOC_CLASSES)))
 
 
 def lively(builder=deeplabv3_mobilenet_v3_large) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    """A random-init model whose output varies with the image.
-
-    Plain random init collapses every activation to ~0, so every map would be the same
-    constant and no comparison between maps could fail; BatchNorm statistics measured on
-    noise (as a data-dependent init) bring the activations back.
-    """
+    """A random-init model whose output varies with the image (see tests/lively.py)."""
     torch.manual_seed(0)
-    model = builder(weights=None, weights_backbone=None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    model.train()
+    model = calibrate_on_noise(builder(weights=None, weights_backbone=None), SIDE)
     with torch.no_grad():
-        model(torch.randn(4, 3, SIDE, SIDE))
         model.classifier[-1].weight.mul_(5)  # more contrast between classes and pixels
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")
