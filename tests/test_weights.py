@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 from producer.errors import InputNotFound, StorageUnavailable, WeightsUnavailable
-from worker.weights import load_model, resolve_weights, weights_identity
+from worker.weights import check_weights, load_model, resolve_weights, weights_identity
 
 MOBILENET = "deeplabv3_mobilenet_v3_large"
 PUBLISHED_MOBILENET_FILE = "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
@@ -80,15 +83,33 @@ def test_a_training_checkpoint_wrapping_the_state_dict_loads(
     assert torch.equal(model.classifier[4].bias, mobilenet_state["classifier.4.bias"])
 
 
-def test_a_file_of_another_architecture_is_refused_naming_the_file_and_the_model(
+def test_a_file_of_another_architecture_is_refused_naming_the_model_it_fits(
     mobilenet_weights: Path,
 ) -> None:
     with pytest.raises(WeightsUnavailable) as refused:
         load_model("deeplabv3_resnet50", mobilenet_weights)
     message = str(refused.value)
     assert mobilenet_weights.name in message
-    assert "deeplabv3_resnet50" in message
-    assert "missing keys" in message
+    assert "the model is deeplabv3_resnet50" in message
+    assert f"set BACKDROP_MODEL={MOBILENET}" in message
+
+
+def test_the_weights_check_refuses_another_architecture_before_any_job(
+    mobilenet_weights: Path,
+) -> None:
+    with pytest.raises(WeightsUnavailable, match=f"BACKDROP_MODEL={MOBILENET}"):
+        check_weights("deeplabv3_resnet101", mobilenet_weights)
+
+
+def test_the_weights_check_passes_a_file_that_fits(mobilenet_weights: Path) -> None:
+    check_weights(MOBILENET, mobilenet_weights)
+
+
+def test_the_weights_check_names_the_mismatch_when_no_model_fits(tmp_path: Path) -> None:
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2)
+    path = save(model.state_dict(), tmp_path / "two-classes.pth")
+    with pytest.raises(WeightsUnavailable, match="shape mismatches"):
+        check_weights(MOBILENET, path)
 
 
 def test_a_file_with_another_number_of_classes_is_refused(tmp_path: Path) -> None:
@@ -238,3 +259,29 @@ def test_the_identity_names_the_file_and_its_content(
 
     save(without_aux(mobilenet_state), path)
     assert weights_identity(path) != f"tuned.pth@sha256:{digest[:12]}"
+
+
+@pytest.mark.parametrize("command", [["worker"], ["demo"]])
+def test_a_worker_or_demo_with_weights_of_another_model_stops_before_taking_any_job(
+    command: list[str], mobilenet_weights: Path, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "BACKDROP_DATA_DIR": str(tmp_path / "data"),
+        "BACKDROP_WEIGHTS": str(mobilenet_weights),
+    }
+    env.pop("BACKDROP_MODEL", None)
+    finished = subprocess.run(
+        [sys.executable, "-m", "producer.cli", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert finished.returncode != 0
+    assert finished.stderr.strip().splitlines()[-1].startswith("weights_unavailable: ")
+    assert f"set BACKDROP_MODEL={MOBILENET}" in finished.stderr
+    # Nothing was started or uploaded: the demo's inputs and outputs were never created.
+    assert not (tmp_path / "data" / "inputs").exists()
+    assert not (tmp_path / "demo-output").exists()

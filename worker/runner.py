@@ -27,10 +27,12 @@ def default_concurrency(settings: Settings) -> int:
 
 
 def preflight(settings: Settings) -> None:
-    """Fail before connecting to anything if no weights can be had (WeightsUnavailable)."""
-    from worker.weights import resolve_weights
+    """Fail before taking any message if no weights can be had or they do not fit the model
+    (WeightsUnavailable): otherwise a worker would start fine and fail every job."""
+    from worker.weights import check_weights, resolve_weights
 
     path = resolve_weights(settings.model, settings.weights, fetch=get_storage().download_file)
+    check_weights(settings.model, path)
     log.info("model %s, weights %s", settings.model, path)
 
 

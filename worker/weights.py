@@ -257,24 +257,63 @@ def _url_file_name(url: str) -> str:
 
 def load_model(model_name: str, weights_path: Path) -> torch.nn.Module:
     """Build the architecture, load the file strictly, and drop the unused aux head."""
-    spec = model_spec(model_name)
     state = _read_state_dict(weights_path, model_name)
-    has_aux = any(key.startswith("aux_classifier.") for key in state)
-    model = spec.builder(
-        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=has_aux
-    )
+    model = _build(model_name, state)
     problem = _mismatch(model.state_dict(), state)
     if problem:
-        raise WeightsUnavailable(f"{weights_path} does not fit {model_name}: {problem}")
+        raise WeightsUnavailable(_misfit_message(model_name, weights_path, state, problem))
     model.load_state_dict(state, strict=True)
     # Training-only head: inference never reads it, so don't pay for it.
     model.aux_classifier = None
     return model.eval()
 
 
-def _read_state_dict(path: Path, model_name: str) -> dict[str, torch.Tensor]:
+def check_weights(model_name: str, weights_path: Path) -> None:
+    """Refuse, with the fix, a file that will not load into the model: before any job is taken.
+
+    Costs no weights memory: the file is memory-mapped and the architecture built on the meta
+    device, so only names and shapes are compared.
+    """
+    state = _read_state_dict(weights_path, model_name, mmap=True)
+    with torch.device("meta"):
+        expected = _build(model_name, state).state_dict()
+    problem = _mismatch(expected, state)
+    if problem:
+        raise WeightsUnavailable(_misfit_message(model_name, weights_path, state, problem))
+
+
+def fitting_model(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the architecture a state dict fits, if any of ours."""
+    for name in MODELS:
+        with torch.device("meta"):
+            expected = _build(name, state).state_dict()
+        if not _mismatch(expected, state):
+            return name
+    return None
+
+
+def _build(model_name: str, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    has_aux = any(key.startswith("aux_classifier.") for key in state)
+    return model_spec(model_name).builder(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=has_aux
+    )
+
+
+def _misfit_message(
+    model_name: str, path: Path, state: Mapping[str, torch.Tensor], problem: str
+) -> str:
+    other = fitting_model(state)
+    if other is not None:
+        return (
+            f"{path} holds {other} weights, but the model is {model_name}: set "
+            f"BACKDROP_MODEL={other}, or point BACKDROP_WEIGHTS at a {model_name} file"
+        )
+    return f"{path} does not fit {model_name}: {problem}"
+
+
+def _read_state_dict(path: Path, model_name: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, weights_only=True, map_location="cpu")
+        loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsUnavailable(
