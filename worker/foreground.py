@@ -1,0 +1,295 @@
+"""Foreground colours: the subject's own colour in the edge band, without the old background.
+
+A pixel of partial alpha is a mix I = a·F + (1 − a)·B of the subject's colour F and the old
+background's B. Compositing the photo's own RGB over something new keeps that B (the halo);
+compositing F does not. F is estimated by blur fusion (Forte & Pitié, "Approximate Fast
+Foreground Colour Estimation", ICIP 2021): local alpha-weighted means of the subject and of the
+background, then a per-pixel correction that makes a·F + (1 − a)·B reproduce the photo, first
+with a wide window (to reach sure colours across the band) and then a narrow one (to follow
+the subject's own texture). Unlike the paper, the narrow pass also refines the background
+(symmetrically), which measured ~7% lower composite error on our synthetic cases.
+
+Only band pixels (0 < alpha < 255) get an answer, and the work follows them: the wide pass
+runs on a photo shrunk by whole cells (its window is wide and smooth anyway), the narrow
+pass's box filters on the tiles that hold band pixels, packed into one mosaic so each filter
+is a single OpenCV call, and every per-pixel step on the band pixels alone. A 12 MP photo
+costs about what its edge costs, not what its area does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Window widths as shares of the image diagonal, so a photo and its thumbnail behave alike.
+# Tuned on synthetic composites: wider first windows mix in colours from further away.
+COARSE_WINDOW_FRACTION = 0.02
+FINE_WINDOW_FRACTION = 0.003
+# The wide pass runs shrunk by a power of two that leaves its window at least this wide.
+COARSE_WORKING_WINDOW = 5
+# Side of the square tiles the narrow pass works on (a power of two: shrink cells nest in it).
+TILE = 32
+# Points are laid out in rows this long for cv2.remap (which takes at most 32767 a side).
+_REMAP_ROW = 1024
+# Keeps the local means defined where a window holds no subject (or no background) at all.
+_EPS = 1e-5
+
+
+def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 subject colours: the image's own where alpha is 0 or 255.
+
+    Where alpha has no partial values the image itself is returned (not a copy), so callers
+    must not write into the result.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if alpha.dtype != np.uint8 or alpha.shape != image.shape[:2]:
+        raise ValueError(f"expected {image.shape[:2]} uint8 alpha, got {alpha.shape} {alpha.dtype}")
+    band = cv2.inRange(alpha, 1, 254)
+    if cv2.countNonZero(band) == 0:
+        return image
+    height, width = alpha.shape
+    coarse_window, fine_window = window_sizes(width, height)
+    mosaic = _Mosaic.of(_band_tiles(band), fine_window // 2, height, width)
+    tiles_image, tiles_alpha = mosaic.gather(image), mosaic.gather(alpha)
+    factor = _shrink_factor(coarse_window)
+    mean_f, mean_b = _coarse_means(
+        image, alpha, mosaic, tiles_image, tiles_alpha, coarse_window, factor
+    )
+    points = mosaic.band_points(tiles_alpha)
+    colour = tiles_image.reshape(-1, 3)[points.index].astype(np.float32) * (1 / 255)
+    weight = tiles_alpha.reshape(-1)[points.index].astype(np.float32)[:, None] * (1 / 255)
+    means = _sample(cv2.merge([mean_f, mean_b]), points.y, points.x, factor)
+    fg, bg = _correct(colour, weight, means[:, :3], means[:, 3:])
+    near_f, near_b = _narrow_means(tiles_image, tiles_alpha, points.index, fg, bg, fine_window)
+    core = points.core
+    fg, _ = _correct(colour[core], weight[core], near_f[core], near_b[core])
+    out = image.copy()
+    out[points.y[core], points.x[core]] = (fg * 255 + 0.5).astype(np.uint8)
+    return out
+
+
+def window_sizes(width: int, height: int) -> tuple[int, int]:
+    """Odd (wide, narrow) box-window widths in pixels for an image of this size."""
+    diagonal = math.hypot(width, height)
+    return _odd(COARSE_WINDOW_FRACTION * diagonal), _odd(FINE_WINDOW_FRACTION * diagonal)
+
+
+def _odd(size: float) -> int:
+    return max(3, int(size) | 1)
+
+
+def _shrink_factor(coarse_window: int) -> int:
+    factor = 1
+    while factor * 2 <= TILE and coarse_window / (factor * 2) >= COARSE_WORKING_WINDOW:
+        factor *= 2
+    return factor
+
+
+def _box(image: np.ndarray, window: int) -> np.ndarray:
+    return cv2.blur(image, (window, window), borderType=cv2.BORDER_REPLICATE)
+
+
+def _correct(
+    colour: np.ndarray, weight: np.ndarray, mean_f: np.ndarray, mean_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move F (by a) and then B (by 1 − a) so that a·F + (1 − a)·B reproduces the photo."""
+    rest = 1 - weight
+    fg = np.clip(mean_f + weight * (colour - weight * mean_f - rest * mean_b), 0, 1)
+    bg = np.clip(mean_b + rest * (colour - weight * fg - rest * mean_b), 0, 1)
+    return fg, bg
+
+
+def _coarse_means(
+    image: np.ndarray,
+    alpha: np.ndarray,
+    mosaic: _Mosaic,
+    tiles_image: np.ndarray,
+    tiles_alpha: np.ndarray,
+    coarse_window: int,
+    factor: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wide-window alpha-weighted means of subject and background, at 1/factor scale.
+
+    The shrink is a mean over whole factor x factor cells. Weighting a cell's mean colour by
+    its mean alpha is exact where the alpha is constant over the cell; the cells holding band
+    pixels (thin strands!) take their premultiplied mean from the band tiles instead.
+    """
+    height, width = alpha.shape
+    small_h, small_w = max(1, height // factor), max(1, width // factor)
+    crop = (slice(0, small_h * factor), slice(0, small_w * factor))
+    colour = _shrink(image[crop], small_w, small_h).astype(np.float32) * (1 / 255)
+    weight = _shrink(alpha[crop], small_w, small_h).astype(np.float32) * (1 / 255)
+    premultiplied = colour * weight[:, :, None]
+    mosaic.paste_cell_means(premultiplied, tiles_image, tiles_alpha, factor)
+    window = _odd(coarse_window / factor)
+    mean_alpha = _box(weight, window)[:, :, None]
+    mean_f = _box(premultiplied, window) / (mean_alpha + _EPS)
+    mean_b = _box(colour - premultiplied, window) / (1 - mean_alpha + _EPS)
+    return mean_f, mean_b
+
+
+def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _sample(small: np.ndarray, y: np.ndarray, x: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear samples of a 1/factor-scale plane at photo pixels (y, x), aligned as
+    cv2.resize aligns an upsample; one remap call over the points laid out as rows."""
+    count = len(y)
+    width = _REMAP_ROW
+    size = -(-count // width) * width
+    map_y, map_x = np.zeros(size, np.float32), np.zeros(size, np.float32)
+    map_y[:count] = (y + 0.5) * (1 / factor) - 0.5
+    map_x[:count] = (x + 0.5) * (1 / factor) - 0.5
+    samples = cv2.remap(
+        small,
+        map_x.reshape(-1, width),
+        map_y.reshape(-1, width),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return samples.reshape(size, -1)[:count]
+
+
+def _narrow_means(
+    tiles_image: np.ndarray,
+    tiles_alpha: np.ndarray,
+    index: np.ndarray,
+    fg: np.ndarray,
+    bg: np.ndarray,
+    window: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Narrow-window means of F·a and B·(1 − a) over the mosaic, read at the band points.
+
+    Off the band F·a is the photo where a = 1 and 0 where a = 0 (and B·(1 − a) the reverse),
+    so the first pass's F and B are needed only at the band points.
+    """
+    weight = tiles_alpha.astype(np.float32) * (1 / 255)
+    colour = tiles_image.astype(np.float32) * (1 / 255)
+    fg_weighted = colour * weight[:, :, None]
+    bg_weighted = colour - fg_weighted
+    band_weight = weight.reshape(-1)[index][:, None]
+    fg_weighted.reshape(-1, 3)[index] = fg * band_weight
+    bg_weighted.reshape(-1, 3)[index] = bg * (1 - band_weight)
+    mean_alpha = _box(weight, window).reshape(-1)[index][:, None]
+    mean_f = _box(fg_weighted, window).reshape(-1, 3)[index] / (mean_alpha + _EPS)
+    mean_b = _box(bg_weighted, window).reshape(-1, 3)[index] / (1 - mean_alpha + _EPS)
+    return mean_f, mean_b
+
+
+def _band_tiles(band: np.ndarray) -> np.ndarray:
+    """(N, 2) top-left corners (y, x) of the TILE-square tiles that hold band pixels."""
+    height, width = band.shape
+    rows, cols = -(-height // TILE), -(-width // TILE)
+    padded = np.zeros((rows * TILE, cols * TILE), np.uint8)
+    padded[:height, :width] = band
+    per_row = padded.reshape(rows * TILE, cols, TILE).max(axis=2)
+    occupied = per_row.reshape(rows, TILE, cols).max(axis=1)
+    return np.argwhere(occupied) * TILE
+
+
+@dataclass(frozen=True)
+class _Points:
+    """Band pixels of the mosaic: flat mosaic index, photo position, and whether the pixel is
+    in its tile's core (each photo pixel is in exactly one core; margins repeat neighbours)."""
+
+    index: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    core: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Mosaic:
+    """Band tiles with a margin of `pad` pixels, packed side by side into one image.
+
+    Filters of half-width ≤ pad give every tile's core what they would give on the whole
+    photo (margins beyond the photo repeat its border, as BORDER_REPLICATE does).
+    """
+
+    origins: np.ndarray
+    pad: int
+    height: int
+    width: int
+    columns: int
+    rows: int
+
+    @classmethod
+    def of(cls, origins: np.ndarray, pad: int, height: int, width: int) -> _Mosaic:
+        columns = math.ceil(math.sqrt(len(origins)))
+        return cls(origins, pad, height, width, columns, math.ceil(len(origins) / columns))
+
+    @property
+    def side(self) -> int:
+        return TILE + 2 * self.pad
+
+    def gather(self, plane: np.ndarray) -> np.ndarray:
+        side, pad = self.side, self.pad
+        mosaic = np.zeros((self.rows * side, self.columns * side, *plane.shape[2:]), plane.dtype)
+        offsets = np.arange(-pad, TILE + pad)
+        for index, (y, x) in enumerate(self.origins.tolist()):
+            row, column = divmod(index, self.columns)
+            target = mosaic[row * side : (row + 1) * side, column * side : (column + 1) * side]
+            top, left = y - pad, x - pad
+            if top >= 0 and left >= 0 and top + side <= self.height and left + side <= self.width:
+                target[...] = plane[top : top + side, left : left + side]
+            else:
+                ys = np.clip(y + offsets, 0, self.height - 1)
+                xs = np.clip(x + offsets, 0, self.width - 1)
+                target[...] = plane[np.ix_(ys, xs)]
+        return mosaic
+
+    def band_points(self, tiles_alpha: np.ndarray) -> _Points:
+        index = np.flatnonzero(cv2.inRange(tiles_alpha, 1, 254))
+        mosaic_y, mosaic_x = np.divmod(index, self.columns * self.side)
+        tile = (mosaic_y // self.side) * self.columns + mosaic_x // self.side
+        offset_y, offset_x = mosaic_y % self.side - self.pad, mosaic_x % self.side - self.pad
+        y = self.origins[tile, 0] + offset_y
+        x = self.origins[tile, 1] + offset_x
+        core = (
+            (offset_y >= 0)
+            & (offset_y < TILE)
+            & (offset_x >= 0)
+            & (offset_x < TILE)
+            & (y < self.height)
+            & (x < self.width)
+        )
+        return _Points(index, np.clip(y, 0, self.height - 1), np.clip(x, 0, self.width - 1), core)
+
+    def paste_cell_means(
+        self,
+        premultiplied: np.ndarray,
+        tiles_image: np.ndarray,
+        tiles_alpha: np.ndarray,
+        factor: int,
+    ) -> None:
+        """Overwrite the cells inside band tiles with their exact mean of colour·alpha."""
+        side, pad, cells = self.side, self.pad, TILE // factor
+        shape = (self.rows, side, self.columns, side)
+        colour = tiles_image.reshape(*shape, 3)[:, pad : pad + TILE, :, pad : pad + TILE]
+        weight = tiles_alpha.reshape(shape)[:, pad : pad + TILE, :, pad : pad + TILE]
+        product = colour.astype(np.float32) * weight[..., None].astype(np.float32)
+        # The cores side by side form one image whose cells nest in it: one area shrink.
+        cores = product.reshape(self.rows * TILE, self.columns * TILE, 3)
+        shrunk = cv2.resize(
+            cores, (self.columns * cells, self.rows * cells), interpolation=cv2.INTER_AREA
+        ) * (1 / 255**2)
+        # (rows, cells, columns, cells, 3) → one (cells, cells, 3) block per tile, in order.
+        blocks = (
+            shrunk.reshape(self.rows, cells, self.columns, cells, 3)
+            .transpose(0, 2, 1, 3, 4)
+            .reshape(-1, cells, cells, 3)[: len(self.origins)]
+        )
+        small_h, small_w = premultiplied.shape[:2]
+        cell = np.arange(cells)
+        cell_y = self.origins[:, 0, None] // factor + cell
+        cell_x = self.origins[:, 1, None] // factor + cell
+        inside = (cell_y[:, :, None] < small_h) & (cell_x[:, None, :] < small_w)
+        tile_of, at_y, at_x = np.nonzero(inside)
+        premultiplied[cell_y[tile_of, at_y], cell_x[tile_of, at_x]] = blocks[tile_of, at_y, at_x]
