@@ -30,6 +30,7 @@ JOB_FIELDS = (
     "idempotency_key",
     "queue",
     "fail_on_no_subject",
+    "overwrite",
 )
 
 
@@ -74,6 +75,12 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--idempotency-key"),
         click.option("--queue", type=click.Choice([q.value for q in Queue])),
         click.option("--fail-on-no-subject", is_flag=True, default=None),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            default=None,
+            help="let the output replace an existing object this job did not write",
+        ),
     ]
     for option in reversed(options):
         command = option(command)

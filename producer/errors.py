@@ -52,6 +52,12 @@ class AccessDenied(PermanentError):
     code = "access_denied"
 
 
+class OutputExists(PermanentError):
+    """An output would replace an object this job did not write, and overwrite was not asked."""
+
+    code = "output_exists"
+
+
 class NoSubject(PermanentError):
     code = "no_subject"
 

@@ -8,17 +8,18 @@ finished job backwards or let a stale attempt overwrite a newer one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from producer.errors import InvalidRequest, InvalidTransition, JobNotFound
+from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
+from producer.locations import canonical_prefix
 from producer.models import Job, JobStatus
 from producer.request import JobRequest
 
@@ -72,6 +73,8 @@ def create(
     if not requests:
         return []
     created_at = now()
+    # Canonical, like every location a request holds: default outputs compare as they must.
+    output_prefix = canonical_prefix(output_prefix)
     rows = [_row(request, output_prefix, created_at) for request in requests]
     if extras is not None:
         rows = [row | dict(extra) for row, extra in zip(rows, extras, strict=True)]
@@ -115,8 +118,9 @@ def create(
 
 def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows to insert: those whose idempotency key is new. Refuses (InvalidRequest) a
-    request whose output is another job's output, or repeated within the request, so that no
-    job can ever overwrite another one's result."""
+    request that would write where another job writes (its output or mask_output), or
+    twice to one place, so that no job can ever overwrite another one's result. Locations
+    are canonical (the request model made them so): an alias is the same location."""
     keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
     known: set[str] = set()
     for start_at in range(0, len(keys), STATEMENT_CHUNK):
@@ -125,21 +129,53 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
             session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.in_(chunk)))
         )
     fresh = [row for row in rows if row["idempotency_key"] not in known]
+    written = [row[name] for row in fresh for name in ("output", "mask_output") if row[name]]
     seen: set[str] = set()
-    for row in fresh:
-        if row["output"] in seen:
-            raise InvalidRequest(f"output {row['output']} is named twice in this request")
-        seen.add(row["output"])
-    outputs = [row["output"] for row in fresh]
-    for start_at in range(0, len(outputs), STATEMENT_CHUNK):
-        chunk = outputs[start_at : start_at + STATEMENT_CHUNK]
-        taken = session.scalars(select(Job.output).where(Job.output.in_(chunk)).limit(1)).first()
+    for location in written:
+        if location in seen:
+            raise InvalidRequest(f"output {location} is named twice in this request")
+        seen.add(location)
+    for start_at in range(0, len(written), STATEMENT_CHUNK):
+        chunk = written[start_at : start_at + STATEMENT_CHUNK]
+        taken = session.scalars(
+            select(Job.output)
+            .where(Job.output.in_(chunk))
+            .union_all(select(Job.mask_output).where(Job.mask_output.in_(chunk)))
+            .limit(1)
+        ).first()
         if taken is not None:
             raise InvalidRequest(
                 f"output {taken} already belongs to another job; choose another location "
                 "(or resubmit with that job's idempotency key)"
             )
     return fresh
+
+
+def check_overwrite(job: Job, *, overwrite: bool, exists: Callable[[str], bool]) -> None:
+    """Before a job writes: refuse (OutputExists) to replace an object the job does not own,
+    i.e. one it did not write on an earlier attempt, retry or re-run, unless the request
+    said overwrite. What a job owns is recorded by `own_outputs`."""
+    if overwrite:
+        return
+    for location, owned in ((job.output, job.owns_output), (job.mask_output, job.owns_mask)):
+        if location and not owned and exists(location):
+            raise OutputExists(
+                f"{location} already exists and was not written by this job; choose another "
+                "location, or resubmit with overwrite set to replace it"
+            )
+
+
+def own_outputs(session: Session, job_id: str, attempt: int) -> bool:
+    """Record that the job's output and mask_output are its own (it is about to write them),
+    so a later attempt, retry or re-run may write them again; False if the attempt no longer
+    owns the job."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(owns_output=True, owns_mask=Job.mask_output.is_not(None))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
 def withdraw(session: Session, job_ids: Sequence[str]) -> int:
@@ -439,6 +475,8 @@ def reprocess(session: Session, job_id: str, request: JobRequest, **values: Any)
         effect=request.effect,
         params=request.params(),
         mask_output=request.mask_output,
+        # A new mask location is not the job's own until it writes there.
+        owns_mask=case((Job.mask_output == request.mask_output, Job.owns_mask), else_=false()),
         attempts=0,
         error_code=None,
         error_message=None,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -59,6 +59,14 @@ class Job(Base):
     backfill_id: Mapped[str | None] = mapped_column(String(36))
     input_etag: Mapped[str | None] = mapped_column(String(200))
     fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # Whether the object at output (mask_output) is this job's own: it wrote it, on this or an
+    # earlier attempt, retry or re-run. Only then may it replace it without `overwrite`.
+    owns_output: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    owns_mask: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
@@ -67,6 +75,7 @@ class Job(Base):
         Index("ix_jobs_backfill_status", "backfill_id", "status"),
         Index("ix_jobs_fingerprint", "fingerprint"),
         Index("ux_jobs_output", "output", unique=True),
+        Index("ix_jobs_mask_output", "mask_output"),
     )
 
     def to_record(self) -> dict[str, Any]:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from producer.errors import InvalidRequest
+from producer import locations
+from producer.errors import BackdropError, InvalidRequest
 
 # Pascal VOC labels in the order of the DeepLabV3 output channels (index 0 is background).
 VOC_CLASSES: tuple[str, ...] = (
@@ -36,8 +48,38 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 FOREGROUND_CLASSES: tuple[str, ...] = VOC_CLASSES[1:]
 
-_HEX_COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
-_LOCATION = re.compile(r"^(s3://[^/]+/.+|file:///.+)$")
+_HEX_COLOUR = re.compile(r"#[0-9A-Fa-f]{6}")
+MAX_CLASSES = 100
+
+
+def _printable(value: str) -> str:
+    character = locations.control_character(value)
+    if character is not None:
+        raise ValueError(f"control character {character!r} is not allowed")
+    return value
+
+
+def _canonical_location(value: str) -> str:
+    try:
+        return locations.canonical(value)
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
+
+
+# Strict: a JSON string is never taken for a number or a boolean, nor `true` for a number.
+# A float field still takes an integer (1 is a fine blur_strength).
+Text = Annotated[str, Strict(), AfterValidator(_printable)]
+# Every location is stored and compared in its one canonical spelling (see locations.py),
+# so an alias (`./`, `//`, `%69`, a symlink) of an input is the input, and two jobs cannot
+# own one output under two names.
+Location = Annotated[
+    str,
+    Strict(),
+    Field(max_length=locations.MAX_LOCATION_LENGTH),
+    AfterValidator(_printable),
+    AfterValidator(_canonical_location),
+]
+UnitFloat = Annotated[float, Strict(), Field(gt=0, le=1)]
 
 
 class Effect(StrEnum):
@@ -58,35 +100,27 @@ class Queue(StrEnum):
     BULK = "bulk"
 
 
-def _check_location(value: str | None, field: str) -> str | None:
-    if value is not None and not _LOCATION.match(value):
-        raise ValueError(f"{field} must be s3://bucket/key or file:///absolute/path, got {value!r}")
-    return value
-
-
 class JobRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, use_enum_values=True, validate_default=True
     )
 
-    input: str
+    input: Location
     effect: Effect = Effect.REMOVE
-    background: str | None = None
-    blur_strength: float = Field(default=0.5, gt=0, le=1)
-    classes: list[str] | None = None
-    output: str | None = None
+    # A colour for `remove`, a location for `replace` (canonicalised once the effect is known).
+    background: Annotated[Text, Field(max_length=locations.MAX_LOCATION_LENGTH)] | None = None
+    blur_strength: UnitFloat = 0.5
+    classes: Annotated[list[Text], Strict(), Field(max_length=MAX_CLASSES)] | None = None
+    output: Location | None = None
     format: OutputFormat = OutputFormat.PNG
-    mask_output: str | None = None
-    mask: str | None = None
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    mask_output: Location | None = None
+    mask: Location | None = None
+    idempotency_key: Annotated[Text, Field(min_length=1, max_length=200)] | None = None
     queue: Queue = Queue.INTERACTIVE
-    fail_on_no_subject: bool = False
-    jpeg_quality: int = Field(default=92, ge=1, le=100)
-
-    @field_validator("input", "output", "mask_output", "mask")
-    @classmethod
-    def _locations(cls, value: str | None, info: Any) -> str | None:
-        return _check_location(value, info.field_name)
+    fail_on_no_subject: StrictBool = False
+    jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 92
+    # Outputs never replace an object this job did not write (output_exists) unless asked.
+    overwrite: StrictBool = False
 
     @field_validator("format", mode="before")
     @classmethod
@@ -113,10 +147,14 @@ class JobRequest(BaseModel):
         if self.effect == Effect.REPLACE:
             if self.background is None:
                 raise ValueError("effect 'replace' needs background: the location of an image")
-            _check_location(self.background, "background")
+            try:
+                background = locations.canonical(self.background)
+            except InvalidRequest as exc:
+                raise ValueError(f"background: {exc.message}") from None
+            object.__setattr__(self, "background", background)
         elif self.effect == Effect.REMOVE:
             background = self.background or "#FFFFFF"
-            if background != "transparent" and not _HEX_COLOUR.match(background):
+            if background != "transparent" and not _HEX_COLOUR.fullmatch(background):
                 raise ValueError("background for 'remove' must be #RRGGBB or 'transparent'")
             if background == "transparent" and self.format == OutputFormat.JPEG:
                 raise ValueError("format 'jpeg' cannot hold a transparent background")
@@ -144,16 +182,21 @@ class JobRequest(BaseModel):
 
     def params(self) -> dict[str, Any]:
         """What shapes the output besides input and effect: stored with the job record."""
-        return self.model_dump(
-            mode="json",
-            exclude={"input", "output", "mask_output", "effect", "idempotency_key", "queue"},
-        )
+        per_job = {"input", "output", "mask_output", "effect", "idempotency_key", "queue"}
+        # Left out unless set, so the params (and backfill fingerprints) of every request
+        # made before the flag existed stay what they were.
+        if not self.overwrite:
+            per_job.add("overwrite")
+        return self.model_dump(mode="json", exclude=per_job)
 
 
 def parse_request(data: dict[str, Any]) -> JobRequest:
-    """Validate a request dict, turning pydantic's error into our InvalidRequest."""
+    """Validate a request dict, turning pydantic's error into our InvalidRequest (or the
+    AccessDenied of a location that tries `..`)."""
     try:
         return JobRequest.model_validate(data)
+    except BackdropError:
+        raise
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # Where `backdrop submit LOCAL_FILE` uploads a plain local file before queueing it.
     input_prefix: str = ""
     allowed_buckets: CommaList = Field(default_factory=list)
+    # The folders file:// locations may touch; by default the data dir's inputs/ and outputs/,
+    # never the data dir itself, which holds the database and the broker folder.
     local_roots: CommaList = Field(default_factory=list)
 
     model: ModelName = "deeplabv3_resnet101"
@@ -99,7 +101,7 @@ class Settings(BaseSettings):
         if not self.input_prefix:
             self.input_prefix = (data / "inputs").as_uri()
         if not self.local_roots:
-            self.local_roots = [str(data)]
+            self.local_roots = [str(data / "inputs"), str(data / "outputs")]
 
     @property
     def embedded_broker(self) -> bool:

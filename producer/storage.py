@@ -9,6 +9,7 @@ SSRF hole.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mimetypes
 import os
@@ -20,9 +21,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
+
+from sqlalchemy.engine import make_url
 
 from producer.errors import (
     AccessDenied,
@@ -33,22 +36,29 @@ from producer.errors import (
     StorageUnavailable,
     UnsupportedFormat,
 )
+from producer.locations import (
+    FILE_SCHEME,
+    S3_SCHEME,
+    S3Object,
+    canonical,
+    parse_s3,
+    real_path,
+    shown,
+)
 from producer.settings import Settings, get_settings
+
+__all__ = ["FILE_SCHEME", "S3_SCHEME", "ObjectInfo", "Storage", "get_storage", "join"]
 
 log = logging.getLogger(__name__)
 
-S3_SCHEME = "s3://"
-FILE_SCHEME = "file://"
 # Our own half-written files: named so that listings can skip them.
 TEMP_PREFIX = ".backdrop-tmp-"
 # Job threads of one worker share the client; botocore's default pool of 10 would make them
 # queue for (and log warnings about) connections.
 S3_MAX_POOL_CONNECTIONS = 32
-S3_MAX_KEY_BYTES = 1024
+# SQLite's companions of its database file, which hold committed data too.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
-# Lenient enough for legacy us-east-1 names; strict enough that no host, port, userinfo or
-# path can be smuggled in through the bucket.
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _USERINFO = re.compile(r"://[^/@\s]+@")
 
 _CONTENT_TYPES = {
@@ -92,16 +102,6 @@ class ObjectInfo:
     etag: str
 
 
-@dataclass(frozen=True)
-class _S3Object:
-    bucket: str
-    key: str
-
-    @property
-    def location(self) -> str:
-        return f"{S3_SCHEME}{self.bucket}/{self.key}"
-
-
 def join(prefix: str, name: str) -> str:
     """The location of `name` under the prefix location (with or without a trailing slash)."""
     name = name.lstrip("/")
@@ -122,32 +122,43 @@ def _redact(text: str) -> str:
     return _USERINFO.sub("://***@", text)
 
 
-def _parse_s3(location: str, *, prefix: bool) -> _S3Object:
-    bucket, _, key = location[len(S3_SCHEME) :].partition("/")
-    if not _BUCKET.match(bucket):
-        raise InvalidRequest(f"malformed S3 location {location!r}: bad bucket name")
-    if not key and not prefix:
-        raise InvalidRequest(f"malformed S3 location {location!r}: no key")
-    if "\x00" in key or len(key.encode()) > S3_MAX_KEY_BYTES:
-        raise InvalidRequest(f"malformed S3 location {location!r}: bad key")
-    return _S3Object(bucket, key)
-
-
-def _parse_file(location: str) -> PurePosixPath:
-    rest = location[len(FILE_SCHEME) :]
-    if not rest.startswith("/"):
-        # file://host/… names another machine; only the empty host (file:///) is local.
-        raise InvalidRequest(f"malformed file location {location!r}: use file:///absolute/path")
-    path = PurePosixPath(unquote(rest))
-    if "\x00" in str(path):
-        raise InvalidRequest(f"malformed file location {location!r}")
-    if ".." in path.parts:
-        raise AccessDenied(f"{location}: '..' is not allowed in file locations")
-    return path
-
-
 def _within(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
+
+
+@dataclass(frozen=True)
+class _Internal:
+    """What Backdrop keeps for itself and no job may read or write, whatever the roots: the
+    SQLite database and its companions, the broker folder, the model weights (a PNG written
+    over any of them stops every process)."""
+
+    files: frozenset[Path]
+    folders: tuple[Path, ...]
+    weights: frozenset[Path]
+    objects: frozenset[str]
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Internal:
+        files: set[Path] = set()
+        weights: set[Path] = set()
+        objects: set[str] = set()
+        if settings.database_url.startswith("sqlite"):
+            database = make_url(settings.database_url).database
+            if database and database != ":memory:":
+                real = Path(os.path.realpath(database))
+                files.add(real)
+                files.update(real.with_name(real.name + end) for end in SQLITE_COMPANIONS)
+        if settings.weights and settings.weights.startswith(S3_SCHEME):
+            objects.add(settings.weights)
+        elif settings.weights:
+            weights.add(Path(os.path.realpath(settings.weights)))
+        folders = (Path(os.path.realpath(settings.broker_folder)),)
+        return cls(frozenset(files), folders, frozenset(weights), frozenset(objects))
+
+    def holds(self, real: Path, *, weights_ok: bool = False) -> bool:
+        if real in self.weights and not weights_ok:
+            return True
+        return real in self.files or any(_within(real, folder) for folder in self.folders)
 
 
 def _file_etag(st: os.stat_result) -> str:
@@ -161,6 +172,7 @@ class Storage:
         self._settings = settings
         self._allowed_buckets = frozenset(settings.allowed_buckets)
         self._roots = tuple(Path(os.path.realpath(root)) for root in settings.local_roots)
+        self._internal = _Internal.of(settings)
         self._client_lock = threading.Lock()
         self._client_instance: Any = None
 
@@ -173,13 +185,13 @@ class Storage:
     def read(self, location: str, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes; InputNotFound if missing, InputTooLarge past `max_bytes`."""
         target = self._resolve(location, prefix=False)
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             return self._s3_read(target, max_bytes)
         return _file_read(location, target, max_bytes)
 
     def write(self, location: str, data: bytes, *, content_type: str) -> None:
         target = self._resolve(location, prefix=False)
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             with self._s3_errors(target.location):
                 self._client.put_object(
                     Bucket=target.bucket, Key=target.key, Body=data, ContentType=content_type
@@ -190,7 +202,7 @@ class Storage:
 
     def head(self, location: str) -> ObjectInfo:
         target = self._resolve(location, prefix=False)
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             with self._s3_errors(target.location):
                 response = self._client.head_object(Bucket=target.bucket, Key=target.key)
             return ObjectInfo(
@@ -223,7 +235,7 @@ class Storage:
         following them could leave the roots or loop.
         """
         target = self._resolve(prefix, prefix=True)
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             listing = self._s3_list(target, page_size, start_after)
         else:
             listing = self._file_list(prefix, target)
@@ -233,9 +245,9 @@ class Storage:
 
     def download_file(self, location: str, path: Path) -> None:
         """Stream an object into a local file (model weights: large, so never held in memory)."""
-        target = self._resolve(location, prefix=False)
+        target = self._resolve(location, prefix=False, weights_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             # boto3 downloads into a temporary name and renames it on success.
             with self._s3_errors(target.location):
                 self._client.download_file(target.bucket, target.key, str(path))
@@ -245,11 +257,11 @@ class Storage:
 
     def upload_file(self, path: Path, location: str) -> None:
         """Upload a plain local file (given to the CLI) to a location."""
-        target = self._resolve(location, prefix=False)
+        target = self._resolve(location, prefix=False, weights_ok=True)
         if not path.is_file():
             raise InputNotFound(f"{path} is not a file")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if isinstance(target, _S3Object):
+        if isinstance(target, S3Object):
             with self._s3_errors(target.location):
                 self._client.upload_file(
                     str(path), target.bucket, target.key, ExtraArgs={"ContentType": content_type}
@@ -260,25 +272,31 @@ class Storage:
 
     # --- locations and confinement -------------------------------------------------------
 
-    def _resolve(self, location: str, *, prefix: bool) -> _S3Object | Path:
+    def _resolve(self, location: str, *, prefix: bool, weights_ok: bool = False) -> S3Object | Path:
+        """The object `location` names, if this process may touch it. `weights_ok`: for the
+        operator's file transfers (fetching and pushing the model weights), never a job's."""
         if not isinstance(location, str):
             raise InvalidRequest(f"a location must be a string, got {type(location).__name__}")
         if location.startswith(S3_SCHEME):
-            target = _parse_s3(location, prefix=prefix)
+            target = parse_s3(location, prefix=prefix)
             if self._allowed_buckets and target.bucket not in self._allowed_buckets:
                 raise AccessDenied(f"bucket {target.bucket!r} is not in the allowed buckets")
+            if target.location in self._internal.objects and not weights_ok:
+                raise AccessDenied(f"{shown(location)} holds Backdrop's model weights")
             return target
         if location.startswith(FILE_SCHEME):
             # The real path: symlinks anywhere along it are followed before the roots compare.
-            real = Path(os.path.realpath(_parse_file(location)))
+            real = real_path(location, prefix=prefix)
             if not any(_within(real, root) for root in self._roots):
-                raise AccessDenied(f"{location} is outside the allowed local roots")
+                raise AccessDenied(f"{shown(location)} is outside the allowed local roots")
+            if self._internal.holds(real, weights_ok=weights_ok):
+                raise AccessDenied(
+                    f"{shown(location)} is Backdrop's internal state (its database, broker "
+                    "folder or model weights); use a location of your own"
+                )
             return real
-        scheme = location.partition("://")[0] if "://" in location else "no scheme"
-        raise InvalidRequest(
-            f"unsupported location {location[:200]!r} ({scheme}): use s3://bucket/key "
-            "or file:///absolute/path"
-        )
+        canonical(location)  # raises the reason it is not a location
+        raise AssertionError("unreachable: canonical() accepts only s3:// and file://")
 
     # --- S3 ------------------------------------------------------------------------------
 
@@ -302,7 +320,7 @@ class Storage:
             log.debug("S3 call for %s failed: %s", location, error)
             raise error from None
 
-    def _s3_read(self, target: _S3Object, max_bytes: int | None) -> bytes:
+    def _s3_read(self, target: S3Object, max_bytes: int | None) -> bytes:
         with self._s3_errors(target.location):
             response = self._client.get_object(Bucket=target.bucket, Key=target.key)
             body = response["Body"]
@@ -319,7 +337,7 @@ class Storage:
         return data
 
     def _s3_list(
-        self, target: _S3Object, page_size: int, start_after: str | None
+        self, target: S3Object, page_size: int, start_after: str | None
     ) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         bucket_prefix = f"{S3_SCHEME}{target.bucket}/"
@@ -351,7 +369,7 @@ class Storage:
         if not any(_within(start, root) for root in self._roots):
             return
         with _file_errors(prefix):
-            yield from _walk_sorted(start, match)
+            yield from _walk_sorted(start, match, self._internal.holds)
 
 
 def _build_client(settings: Settings) -> Any:
@@ -433,19 +451,42 @@ def _translate_client_error(exc: Any, location: str) -> BackdropError:
 # --- local files -------------------------------------------------------------------------
 
 
+# What an OS error says about a file location. Anything not named here (EIO, ENOSPC,
+# EDQUOT, EAGAIN, ETIMEDOUT, ESTALE, EMFILE, …: a full disk, a flaky mount) is the machine's
+# trouble, not the request's, and is retried as storage_unavailable.
+_PERMANENT_ERRNOS: dict[int, type[BackdropError]] = {
+    errno.ENOENT: InputNotFound,
+    errno.ENOTDIR: InputNotFound,
+    errno.EISDIR: InvalidRequest,
+    # mkdir of a parent that is a file.
+    errno.EEXIST: InvalidRequest,
+    errno.ENAMETOOLONG: InvalidRequest,
+    errno.ELOOP: InvalidRequest,
+    errno.EINVAL: InvalidRequest,
+    errno.EILSEQ: InvalidRequest,
+    errno.EFBIG: InvalidRequest,
+    errno.EACCES: AccessDenied,
+    errno.EPERM: AccessDenied,
+    errno.EROFS: AccessDenied,
+}
+
+
+def os_error(exc: OSError, location: str) -> BackdropError:
+    """The error code an OS error on `location` deserves: permanent when retrying the same
+    request can only fail the same way, storage_unavailable otherwise."""
+    kind = _PERMANENT_ERRNOS.get(exc.errno or 0, StorageUnavailable)
+    if kind is InputNotFound:
+        return InputNotFound(f"{shown(location)} does not exist")
+    reason = exc.strerror or type(exc).__name__
+    return kind(f"{shown(location)}: {reason}")
+
+
 @contextmanager
 def _file_errors(location: str) -> Iterator[None]:
     try:
         yield
-    except (FileNotFoundError, NotADirectoryError):
-        raise InputNotFound(f"{location} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidRequest(f"{location} is a directory") from None
-    except PermissionError:
-        raise AccessDenied(f"{location}: permission denied") from None
     except OSError as exc:
-        # A full disk or an I/O error: nothing about the request itself is wrong.
-        raise StorageUnavailable(f"{location}: {exc.strerror or exc}") from None
+        raise os_error(exc, location) from None
 
 
 def _file_read(location: str, path: Path, max_bytes: int | None) -> bytes:
@@ -479,8 +520,11 @@ def _write_atomically(target: Path, fill: Callable[[IO[bytes]], object]) -> None
         raise
 
 
-def _walk_sorted(directory: Path, match: str) -> Iterator[ObjectInfo]:
-    """Regular files under `directory` whose path starts with `match`, in key order.
+def _walk_sorted(
+    directory: Path, match: str, internal: Callable[[Path], bool]
+) -> Iterator[ObjectInfo]:
+    """Regular files under `directory` whose path starts with `match`, in key order, leaving
+    out our own: temporary files and the `internal` ones.
 
     Siblings sort by name with a "/" after directory names: exactly the order of the full
     path strings, so the walk stays lazy yet matches S3's lexicographic listing.
@@ -494,12 +538,12 @@ def _walk_sorted(directory: Path, match: str) -> Iterator[ObjectInfo]:
         return
     for entry in entries:
         path = f"{directory}/{entry.name}" if str(directory) != "/" else f"/{entry.name}"
-        if entry.is_symlink() or entry.name.startswith(TEMP_PREFIX):
+        if entry.is_symlink() or entry.name.startswith(TEMP_PREFIX) or internal(Path(path)):
             continue
         if entry.is_dir(follow_symlinks=False):
             subtree = path + "/"
             if subtree.startswith(match) or match.startswith(subtree):
-                yield from _walk_sorted(Path(path), match)
+                yield from _walk_sorted(Path(path), match, internal)
         elif entry.is_file(follow_symlinks=False) and path.startswith(match):
             st = entry.stat(follow_symlinks=False)
             yield ObjectInfo(location=Path(path).as_uri(), size=st.st_size, etag=_file_etag(st))

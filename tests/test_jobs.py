@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from sqlalchemy import text
 
 from producer import jobs
 from producer.db import session_scope
-from producer.errors import InvalidTransition, JobNotFound
-from producer.models import JobStatus
-from producer.request import JobRequest
+from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
+from producer.models import Job, JobStatus
+from producer.request import JobRequest, parse_request
 
 PREFIX = "s3://out/results"
 
 
 def _request(**fields: object) -> JobRequest:
-    return JobRequest(input="s3://in/photo.jpg", **fields)
+    return JobRequest(input="s3://inputs/photo.jpg", **fields)
 
 
 def _create(url: str, *requests: JobRequest) -> list[jobs.Created]:
@@ -219,3 +222,138 @@ def test_many_jobs_are_looked_up_in_the_order_asked_and_a_missing_one_is_named(
         assert [job.id for job in jobs.get_many(session, ids)] == ids
         with pytest.raises(JobNotFound, match="no job with id nope"):
             jobs.get_many(session, [ids[0], "nope"])
+
+
+# --- outputs: one job per location, and only its own objects replaced -----------------
+
+
+def test_two_jobs_whose_outputs_are_aliases_conflict(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path.as_uri()
+    (first,) = _create(db_url, _request(output=f"{root}/out/photo.png"))
+    for alias in ("out/./photo.png", "out//photo.png", "out/%70hoto.png", "./out/photo.png"):
+        with pytest.raises(InvalidRequest, match="already belongs to another job"):
+            _create(
+                db_url, parse_request({"input": "s3://inputs/a.jpg", "output": f"{root}/{alias}"})
+            )
+    assert first.job.output == f"{root}/out/photo.png"
+
+
+def test_a_symlinked_folder_is_the_folder_it_points_to(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out", target_is_directory=True)
+    _create(db_url, _request(output=(tmp_path / "out" / "photo.png").as_uri()))
+    with pytest.raises(InvalidRequest, match="already belongs to another job"):
+        _create(db_url, _request(output=(tmp_path / "link" / "photo.png").as_uri()))
+
+
+def test_no_job_writes_where_another_job_writes_its_mask_or_output(db_url: str) -> None:
+    _create(db_url, _request(output="s3://outputs/a.png", mask_output="s3://outputs/a-mask.png"))
+    for fields in (
+        {"output": "s3://outputs/a-mask.png"},
+        {"output": "s3://outputs/b.png", "mask_output": "s3://outputs/a.png"},
+        {"output": "s3://outputs/b.png", "mask_output": "s3://outputs/a-mask.png"},
+    ):
+        with pytest.raises(InvalidRequest, match="already belongs to another job"):
+            _create(db_url, _request(**fields))
+    with pytest.raises(InvalidRequest, match="named twice"):
+        _create(
+            db_url,
+            _request(output="s3://outputs/c.png"),
+            _request(output="s3://outputs/d.png", mask_output="s3://outputs/c.png"),
+        )
+
+
+def test_default_outputs_are_canonical_under_a_prefix_spelled_otherwise(
+    db_url: str, tmp_path: Path
+) -> None:
+    with session_scope(db_url) as session:
+        (created,) = jobs.create(session, [_request()], f"{tmp_path.as_uri()}//out/./")
+    assert created.job.output == f"{(tmp_path / 'out').as_uri()}/{created.job.id}.png"
+
+
+def _job(url: str, job_id: str) -> Job:
+    with session_scope(url) as session:
+        return jobs.get(session, job_id)
+
+
+def test_an_existing_object_the_job_did_not_write_is_not_replaced(db_url: str) -> None:
+    (created,) = _create(db_url, _request(output="s3://outputs/taken.png"))
+    _start(db_url, created.job.id)
+    job = _job(db_url, created.job.id)
+    with pytest.raises(OutputExists, match="overwrite"):
+        jobs.check_overwrite(job, overwrite=False, exists=lambda location: True)
+    jobs.check_overwrite(job, overwrite=True, exists=lambda location: True)
+    jobs.check_overwrite(job, overwrite=False, exists=lambda location: False)
+
+
+def test_an_existing_mask_the_job_did_not_write_is_not_replaced(db_url: str) -> None:
+    (created,) = _create(db_url, _request(mask_output="s3://outputs/mask.png"))
+    _start(db_url, created.job.id)
+    job = _job(db_url, created.job.id)
+    with pytest.raises(OutputExists, match=r"mask\.png"):
+        jobs.check_overwrite(job, overwrite=False, exists=lambda location: "mask" in location)
+
+
+def test_a_retry_may_rewrite_what_an_earlier_attempt_wrote(db_url: str) -> None:
+    (created,) = _create(db_url, _request(mask_output="s3://outputs/mask.png"))
+    attempt = _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        assert jobs.own_outputs(session, created.job.id, attempt)
+        jobs.fail(session, created.job.id, attempt, "storage_unavailable", "gone")
+        jobs.retry(session, created.job.id)
+    _start(db_url, created.job.id)
+    job = _job(db_url, created.job.id)
+    assert job.owns_output and job.owns_mask
+    jobs.check_overwrite(job, overwrite=False, exists=lambda location: True)
+
+
+def test_a_stale_attempt_cannot_claim_the_outputs(db_url: str) -> None:
+    (created,) = _create(db_url, _request())
+    stale = _start(db_url, created.job.id, lease_s=-1)
+    _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        assert not jobs.own_outputs(session, created.job.id, stale)
+
+
+def test_a_rerun_with_a_new_mask_location_does_not_own_it_yet(db_url: str) -> None:
+    (created,) = _create(db_url, _request(mask_output="s3://outputs/m1.png"))
+    attempt = _start(db_url, created.job.id)
+    with session_scope(db_url) as session:
+        jobs.own_outputs(session, created.job.id, attempt)
+    assert _succeed(db_url, created.job.id, attempt)
+    with session_scope(db_url) as session:
+        same = _request(mask_output="s3://outputs/m1.png", effect="blur")
+        assert jobs.reprocess(session, created.job.id, same)
+    assert _job(db_url, created.job.id).owns_mask
+    _succeed(db_url, created.job.id, _start(db_url, created.job.id))
+    with session_scope(db_url) as session:
+        moved = _request(mask_output="s3://outputs/m2.png", effect="blur")
+        assert jobs.reprocess(session, created.job.id, moved)
+    job = _job(db_url, created.job.id)
+    assert job.owns_output and not job.owns_mask
+
+
+def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from producer.db import MIGRATIONS, get_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0003")
+    with get_engine(url).begin() as connection:
+        for job_id, status, mask in (("a", "succeeded", "s3://o/a-m.png"), ("b", "failed", None)):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, status, queue, input, output, mask_output, effect, "
+                    "params, attempts, created_at) VALUES (:id, :status, 'bulk', 's3://i/x', "
+                    ":output, :mask, 'remove', '{}', 1, '2026-01-01')"
+                ),
+                {"id": job_id, "status": status, "output": f"s3://o/{job_id}.png", "mask": mask},
+            )
+    command.upgrade(config, "head")
+    assert (_job(url, "a").owns_output, _job(url, "a").owns_mask) == (True, True)
+    assert (_job(url, "b").owns_output, _job(url, "b").owns_mask) == (False, False)

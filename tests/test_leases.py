@@ -30,7 +30,9 @@ def _queued_ids(queue: str) -> list[str]:
 
 def _create(db_url: str, queue: str = "interactive") -> str:
     with session_scope(db_url) as session:
-        (created,) = jobs.create(session, [JobRequest(input="s3://b/k.png", queue=queue)], "s3://o")
+        (created,) = jobs.create(
+            session, [JobRequest(input="s3://bkt/k.png", queue=queue)], "s3://out"
+        )
     return created.job.id
 
 

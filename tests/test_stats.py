@@ -32,7 +32,7 @@ def embedded(db_url: str, tmp_path: Path) -> Settings:
 def create(url: str, queue: str = "interactive") -> str:
     with session_scope(url) as session:
         (created,) = jobs.create(
-            session, [JobRequest(input="s3://in/p.jpg", queue=queue)], "s3://o"
+            session, [JobRequest(input="s3://inputs/p.jpg", queue=queue)], "s3://out"
         )
         return created.job.id
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from producer.storage import (
     content_type_for,
     get_storage,
     join,
+    os_error,
 )
 from tests.conftest import free_port
 
@@ -481,3 +483,160 @@ def test_get_storage_is_cached_until_the_settings_are_replaced(
 
     monkeypatch.setattr(settings_module, "_current", Settings(local_roots=[str(root)]))
     assert get_storage() is not first
+
+
+# --- internal state, canonical keys, OS errors -------------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """The embedded default's data dir: a SQLite database, a broker folder, user folders."""
+    data = tmp_path / "data"
+    for folder in ("inputs", "outputs", "broker/queue"):
+        (data / folder).mkdir(parents=True)
+    for name in ("backdrop.db", "backdrop.db-wal", "broker/queue/message.msg"):
+        (data / name).write_bytes(b"internal")
+    (data / "inputs" / "photo.png").write_bytes(PHOTO)
+    return data
+
+
+def test_by_default_only_the_data_dirs_inputs_and_outputs_are_reachable(data_dir: Path) -> None:
+    storage = Storage(Settings(data_dir=data_dir))
+    assert storage.read((data_dir / "inputs" / "photo.png").as_uri()) == PHOTO
+    storage.write((data_dir / "outputs" / "new.png").as_uri(), PHOTO, content_type="image/png")
+    for name in ("backdrop.db", "broker/queue/message.msg", "elsewhere.png"):
+        with pytest.raises(AccessDenied):
+            storage.write((data_dir / name).as_uri(), PHOTO, content_type="image/png")
+    assert (data_dir / "backdrop.db").read_bytes() == b"internal"
+
+
+@pytest.mark.parametrize(
+    "name", ["backdrop.db", "backdrop.db-wal", "backdrop.db-shm", "broker/queue/message.msg"]
+)
+def test_the_database_and_broker_folder_are_refused_even_inside_the_roots(
+    data_dir: Path, name: str
+) -> None:
+    storage = Storage(Settings(data_dir=data_dir, local_roots=[str(data_dir)]))
+    location = (data_dir / name).as_uri()
+    for call in (
+        lambda: storage.read(location),
+        lambda: storage.head(location),
+        lambda: storage.check_allowed(location),
+        lambda: storage.write(location, PHOTO, content_type="image/png"),
+    ):
+        with pytest.raises(AccessDenied, match="internal state"):
+            call()
+    assert not (data_dir / name).exists() or (data_dir / name).read_bytes() == b"internal"
+
+
+def test_a_symlink_to_the_database_is_the_database(data_dir: Path) -> None:
+    (data_dir / "outputs" / "innocent.png").symlink_to(data_dir / "backdrop.db")
+    storage = Storage(Settings(data_dir=data_dir, local_roots=[str(data_dir)]))
+    with pytest.raises(AccessDenied):
+        storage.write(
+            (data_dir / "outputs" / "innocent.png").as_uri(), PHOTO, content_type="image/png"
+        )
+    assert (data_dir / "backdrop.db").read_bytes() == b"internal"
+
+
+def test_a_listing_of_the_data_dir_leaves_out_the_internal_state(data_dir: Path) -> None:
+    storage = Storage(Settings(data_dir=data_dir, local_roots=[str(data_dir)]))
+    listed = [info.location for info in storage.list(data_dir.as_uri() + "/")]
+    assert listed == [(data_dir / "inputs" / "photo.png").as_uri()]
+
+
+def test_a_database_configured_elsewhere_is_protected_where_it_is(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    database = root / "jobs.sqlite"
+    database.write_bytes(b"internal")
+    storage = Storage(
+        Settings(data_dir=tmp_path, database_url=f"sqlite:///{database}", local_roots=[str(root)])
+    )
+    with pytest.raises(AccessDenied):
+        storage.write(database.as_uri(), PHOTO, content_type="image/png")
+
+
+def test_the_model_weights_are_no_jobs_output_but_the_worker_still_fetches_them(
+    root: Path, tmp_path: Path
+) -> None:
+    weights = root / "weights.pth"
+    weights.write_bytes(b"state dict")
+    storage = make_storage(root, weights=str(weights))
+    with pytest.raises(AccessDenied):
+        storage.write(weights.as_uri(), PHOTO, content_type="image/png")
+    storage.download_file(weights.as_uri(), tmp_path / "cache" / "weights.pth")
+    assert (tmp_path / "cache" / "weights.pth").read_bytes() == b"state dict"
+
+
+def test_weights_in_a_bucket_are_no_jobs_output(root: Path, s3_server: str) -> None:
+    storage = make_storage(root, s3_server, weights="s3://models/deeplab.pth")
+    with pytest.raises(AccessDenied):
+        storage.check_allowed("s3://models/deeplab.pth")
+
+
+@pytest.mark.parametrize("key", ["a/../b.png", "a/./b.png", "a//b.png", "../other/b.png"])
+def test_s3_keys_with_dot_or_empty_segments_are_never_sent(root: Path, key: str) -> None:
+    # A closed port: a request that went out would be storage_unavailable, not a refusal.
+    storage = make_storage(root, f"http://127.0.0.1:{free_port()}", s3_max_attempts=1)
+    for call in (
+        lambda: storage.read(f"s3://bucket/{key}"),
+        lambda: storage.write(f"s3://bucket/{key}", PHOTO, content_type="image/png"),
+    ):
+        with pytest.raises((AccessDenied, InvalidRequest)):
+            call()
+
+
+def test_an_s3_key_over_1024_bytes_is_refused_before_it_is_sent(root: Path) -> None:
+    storage = make_storage(root, f"http://127.0.0.1:{free_port()}", s3_max_attempts=1)
+    with pytest.raises(InvalidRequest, match="1024 bytes"):
+        storage.read("s3://bucket/" + "k" * 1025)
+
+
+def test_a_file_location_too_long_for_the_os_is_refused_as_invalid(
+    storage: Storage, root: Path
+) -> None:
+    for tail in ("n" * 256, "d/" * 2100 + "x.png", "%6E" * 300):
+        with pytest.raises(InvalidRequest):
+            storage.write(f"{root.as_uri()}/{tail}", PHOTO, content_type="image/png")
+
+
+def test_a_symlink_loop_is_a_permanent_error(storage: Storage, root: Path) -> None:
+    (root / "a").symlink_to(root / "b")
+    (root / "b").symlink_to(root / "a")
+    with pytest.raises(InvalidRequest):
+        storage.read((root / "a").as_uri())
+
+
+def test_writing_below_a_file_is_a_permanent_error(storage: Storage, root: Path) -> None:
+    (root / "photo.png").write_bytes(PHOTO)
+    with pytest.raises((InvalidRequest, InputNotFound)) as raised:
+        storage.write((root / "photo.png").as_uri() + "/out.png", PHOTO, content_type="image/png")
+    assert not raised.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("number", "expected"),
+    [
+        (errno.ENAMETOOLONG, InvalidRequest),
+        (errno.ELOOP, InvalidRequest),
+        (errno.EINVAL, InvalidRequest),
+        (errno.EISDIR, InvalidRequest),
+        (errno.EEXIST, InvalidRequest),
+        (errno.ENOTDIR, InputNotFound),
+        (errno.ENOENT, InputNotFound),
+        (errno.EACCES, AccessDenied),
+        (errno.EPERM, AccessDenied),
+        (errno.EROFS, AccessDenied),
+        (errno.EIO, StorageUnavailable),
+        (errno.ENOSPC, StorageUnavailable),
+        (errno.EAGAIN, StorageUnavailable),
+        (errno.ETIMEDOUT, StorageUnavailable),
+    ],
+)
+def test_os_errors_are_permanent_or_transient_by_what_they_mean(
+    number: int, expected: type
+) -> None:
+    error = os_error(OSError(number, os.strerror(number)), "file:///data/x.png")
+    assert type(error) is expected
+    assert error.retryable == (expected is StorageUnavailable)

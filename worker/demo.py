@@ -81,7 +81,7 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
             env=os.environ.copy(),
         )
         try:
-            records = _submit_and_wait(client, inputs, worker, worker_log, echo)
+            records = _submit_and_wait(client, inputs, run_id, worker, worker_log, echo)
         finally:
             _stop(worker)
     from producer.cli import format_table
@@ -98,6 +98,7 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
 def _submit_and_wait(
     client: Client,
     inputs: dict[str, str],
+    run_id: str,
     worker: subprocess.Popen[bytes],
     worker_log: Path,
     echo: Callable[[str], None],
@@ -109,8 +110,10 @@ def _submit_and_wait(
             if fields["effect"] == "replace":
                 request["background"] = inputs[BACKGROUND]
             if label == "remove-white":
+                # One folder per run, like the inputs: a second demo must not meet the first
+                # one's masks (an output never replaces an object its job did not write).
                 request["mask_output"] = join(
-                    client.settings.output_prefix, f"{Path(photo).stem}-mask.png"
+                    client.settings.output_prefix, f"demo-{run_id}/{Path(photo).stem}-mask.png"
                 )
             requests.append(request)
     records = client.submit_many(requests)

@@ -170,11 +170,13 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         background=background,
         want_mask=request.mask_output is not None,
     )
+    jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
     with session_scope(settings.database_url) as session:
         # Only the attempt that owns the job writes its output: a worker that lost its lease
         # (it stalled, and the job was handed on) must not write over its successor's work.
         if not jobs.renew(session, [(job.id, job.attempts)], settings.job_lease_s):
             raise Superseded(f"attempt {job.attempts} no longer owns the job")
+        jobs.own_outputs(session, job.id, job.attempts)
     with timings.stage("upload"):
         storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
         if rendered.mask is not None and request.mask_output:
