@@ -1,11 +1,18 @@
 """The HTTP API (`backdrop api`): jobs, stats, Prometheus metrics, health and the dashboard.
 
-Auth: every route but /healthz, /metrics and the dashboard page itself needs
+Auth: every route but /healthz, /metrics, /openapi.json and the dashboard page itself needs
 `Authorization: Bearer <token>` with one of BACKDROP_API_TOKENS. The dashboard page holds no
 data; its script calls the authenticated endpoints with a token it takes from the URL
 fragment (`/dashboard#token=…`, never sent to the server, so never in access logs) or from a
 prompt, and keeps it in the tab's sessionStorage. With no tokens configured the API refuses
-to start unless BACKDROP_API_INSECURE_NO_AUTH=true (`backdrop api --insecure-no-auth`).
+to start unless BACKDROP_API_INSECURE_NO_AUTH=true (`backdrop api --insecure-no-auth`); a
+token under MIN_TOKEN_LENGTH characters, or one of the placeholders examples have shipped,
+stops it too.
+
+Before any route: bodies are capped as they stream in, requests without a valid token are
+rate limited per client address and, on /v1, refused before their body is read
+(`producer/limits.py`). Path and query parameters are checked for shape before they reach
+the database, so a hostile value is a 4xx, never a 500.
 
 The Client does blocking I/O (SQL, Redis, storage), so the endpoints are plain `def`s that
 FastAPI runs in its threadpool.
@@ -17,6 +24,7 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -26,12 +34,16 @@ from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
+from producer import client as client_module
 from producer import stats
-from producer.backfill import BackfillNotFound, Backfills
+from producer.backfill import MAX_IN_FLIGHT, BackfillNotFound, Backfills
 from producer.client import Client
 from producer.db import session_scope
 from producer.errors import (
@@ -46,9 +58,11 @@ from producer.errors import (
     PermanentError,
     TransientError,
 )
+from producer.limits import GuardPolicy, RateLimiter, RequestGuard
 from producer.metrics import ApiMetrics
 from producer.request import JobRequest, parse_request
 from producer.settings import Settings, get_settings
+from producer.thumbnail import Thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +93,16 @@ ERROR_STATUS: tuple[tuple[type[BackdropError], int], ...] = (
     (PermanentError, 422),
     (TransientError, 503),
 )
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-IMAGE_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-)
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+# secrets.token_urlsafe(24) is 32 characters: 192 random bits.
+MIN_TOKEN_LENGTH = 32
+# Tokens example files have shipped: a copy of an old example must not start a live API.
+PLACEHOLDER_TOKENS = frozenset({"change-me-to-a-long-random-token", "CHANGE-ME"})
+TOKEN_FIX = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+# Job and backfill ids are uuid4 strings; anything else cannot name one.
+ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAX_CURSOR_LENGTH = 200
+THUMBNAIL_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
 # Inline script and style only; thumbnails arrive as blob: URLs fetched with the token.
 DASHBOARD_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -94,6 +113,31 @@ DASHBOARD_CSP = (
 def create_app(settings: Settings | None = None, *, client: Client | None = None) -> FastAPI:
     """The API over `settings`' database, broker and storage."""
     settings = settings or get_settings()
+    check_tokens(settings)
+    client = client or Client(settings)
+    metrics = ApiMetrics(lambda: _scrape_stats(settings), refresh_s=settings.api_metrics_refresh_s)
+    app = FastAPI(
+        title="Backdrop",
+        summary="Queue-based background removal, replacement, blur and desaturation",
+        version="0.1.0",
+        # Swagger UI and ReDoc fetch their scripts from a CDN: opt-in only.
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
+    )
+    auth = BearerAuth(settings.api_tokens)
+    _add_error_handlers(app)
+    app.add_middleware(RequestGuard, policy=_guard_policy(settings, auth))
+    # Added last, so outermost: it also counts what the guard refuses.
+    _add_request_metrics(app, metrics)
+    authenticated = [Depends(auth)]
+    _add_job_routes(app, client, settings, metrics, authenticated)
+    _add_backfill_routes(app, Backfills(settings, client.storage, client.celery), authenticated)
+    _add_ops_routes(app, settings, metrics, authenticated)
+    return app
+
+
+def check_tokens(settings: Settings) -> None:
+    """Refuse to serve with no tokens (unless explicitly open), or with a weak one."""
     if not settings.api_tokens and not settings.api_insecure_no_auth:
         raise ApiMisconfigured(
             "no API tokens: set BACKDROP_API_TOKENS, or BACKDROP_API_INSECURE_NO_AUTH=true "
@@ -101,20 +145,25 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         )
     if not settings.api_tokens:
         log.warning("the API runs WITHOUT authentication (insecure-no-auth)")
-    client = client or Client(settings)
-    metrics = ApiMetrics(lambda: _scrape_stats(settings))
-    app = FastAPI(
-        title="Backdrop",
-        summary="Queue-based background removal, replacement, blur and desaturation",
-        version="0.1.0",
+    # Never the token itself in the message: a short one may still be a real secret.
+    for position, token in enumerate(settings.api_tokens, 1):
+        if token in PLACEHOLDER_TOKENS:
+            problem = "is the placeholder from an example file"
+        elif len(token) < MIN_TOKEN_LENGTH:
+            problem = f"is {len(token)} characters long, under {MIN_TOKEN_LENGTH}"
+        else:
+            continue
+        raise ApiMisconfigured(
+            f"BACKDROP_API_TOKENS: token {position} {problem}; generate one with {TOKEN_FIX}"
+        )
+
+
+def _guard_policy(settings: Settings, auth: BearerAuth) -> GuardPolicy:
+    return GuardPolicy(
+        body_limits={("POST", "/v1/jobs"): settings.api_max_body_bytes},
+        authenticated=auth.accepts if settings.api_tokens else None,
+        limiter=RateLimiter(settings.api_rate_limit_per_s, settings.api_rate_limit_burst),
     )
-    _add_error_handlers(app)
-    _add_request_metrics(app, metrics)
-    authenticated = [Depends(BearerAuth(settings.api_tokens))]
-    _add_job_routes(app, client, settings, metrics, authenticated)
-    _add_backfill_routes(app, Backfills(settings, client.storage, client.celery), authenticated)
-    _add_ops_routes(app, settings, metrics, authenticated)
-    return app
 
 
 def serve(host: str | None = None, port: int | None = None) -> None:
@@ -147,6 +196,13 @@ class BearerAuth:
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
         if not self._matches(credentials.credentials.encode()):
             raise Unauthorized("invalid bearer token")
+
+    def accepts(self, authorization: str) -> bool:
+        """Whether an Authorization header carries a valid token (parsed as HTTPBearer does)."""
+        scheme, credentials = get_authorization_scheme_param(authorization)
+        if scheme.lower() != "bearer" or not credentials:
+            return False
+        return self._matches(credentials.encode("latin-1"))
 
     def _matches(self, given: bytes) -> bool:
         # Compare against every token, matched or not, so timing reveals neither which
@@ -222,9 +278,20 @@ def _add_request_metrics(app: FastAPI, metrics: ApiMetrics) -> None:
             status = response.status_code
             return response
         finally:
-            # The route template, not the path: job ids would explode the label set.
-            route = getattr(request.scope.get("route"), "path", "unmatched")
+            route = _route_template(app, request.scope)
             metrics.observe_request(request.method, route, status, time.perf_counter() - started)
+
+
+def _route_template(app: FastAPI, scope: Scope) -> str:
+    """The route template, not the path: job ids would explode the label set. A request
+    the guard refused never reached the router: match it here."""
+    if "route" in scope:
+        return getattr(scope["route"], "path", "unmatched")
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
 
 
 def _scrape_stats(settings: Settings) -> tuple[dict[str, dict[str, int]], dict[str, int] | None]:
@@ -300,30 +367,34 @@ def _add_job_routes(
 
     @app.get("/v1/jobs/{job_id}", dependencies=authenticated, tags=["jobs"])
     def get_job(job_id: str) -> JSONResponse:
-        return JSONResponse(client.get(job_id))
+        return JSONResponse(client.get(known_job_id(job_id)))
 
     @app.post("/v1/jobs/{job_id}/retry", dependencies=authenticated, tags=["jobs"])
-    def retry_job(job_id: str) -> JSONResponse:
-        """failed → queued (409 otherwise)."""
-        return JSONResponse(client.retry(job_id))
+    def retry_job(job_id: str, overwrite: bool = False) -> JSONResponse:
+        """failed → queued (409 otherwise); `?overwrite=true` after an output_exists failure."""
+        return JSONResponse(client.retry(known_job_id(job_id), overwrite=overwrite))
 
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=authenticated, tags=["jobs"])
     def cancel_job(job_id: str) -> JSONResponse:
         """queued → canceled (409 otherwise)."""
-        return JSONResponse(client.cancel(job_id))
+        return JSONResponse(client.cancel(known_job_id(job_id)))
+
+    thumbnails = Thumbnails(settings.api_thumbnail_max_pixels)
 
     @app.get("/v1/jobs/{job_id}/thumbnail", dependencies=authenticated, tags=["jobs"])
     def job_image(job_id: str, which: Literal["input", "output"] = "output") -> Response:
-        """The job's input or output image, as stored (the browser scales it down)."""
-        record = client.get(job_id)
+        """The job's input or output image, decoded and re-encoded at most 320 px a side:
+        PNG when it has transparency, else JPEG. Anything that does not decode as a PNG,
+        JPEG or WebP image is 422 invalid_image; it is never served as stored."""
+        record = client.get(known_job_id(job_id))
         if which == "output" and record["status"] != "succeeded":
             raise JobNotFound(f"job {job_id} has no output yet ({record['status']})")
-        data = client.storage.read(record[which], max_bytes=settings.api_thumbnail_max_bytes)
-        return Response(
-            data,
-            media_type=image_type(data),
-            headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
+        location = record[which]
+        thumbnail = thumbnails.get(
+            (location, record["attempts"], record["finished_at"]),
+            lambda: client.storage.read(location, max_bytes=settings.api_thumbnail_max_bytes),
         )
+        return Response(thumbnail.data, media_type=thumbnail.media_type, headers=THUMBNAIL_HEADERS)
 
 
 def _parse_batch(body: Any, limit: int) -> list[JobRequest]:
@@ -352,22 +423,34 @@ def encode_cursor(cursor: str | None) -> str | None:
 
 
 def decode_cursor(cursor: str | None) -> str | None:
+    """The Client's cursor back, only if it has the shape encode_cursor gives it."""
     if not cursor:
         return None
+    malformed = InvalidRequest("malformed cursor; pass back a next_cursor unchanged")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise malformed
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidRequest("malformed cursor; pass back a next_cursor unchanged") from None
+        decoded = base64.b64decode(padded, altchars=b"-_", validate=True).decode("ascii")
+        _, job_id = client_module.decode_cursor(decoded) or (None, "")
+    except (binascii.Error, UnicodeDecodeError, ValueError, InvalidRequest):
+        raise malformed from None
+    if not ID_PATTERN.fullmatch(job_id):
+        raise malformed
+    return decoded
 
 
-def image_type(data: bytes) -> str:
-    for signature, media_type in IMAGE_SIGNATURES:
-        if data.startswith(signature):
-            return media_type
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
+def known_job_id(job_id: str) -> str:
+    """`job_id` if it can name a job; anything else is 404 without asking the database."""
+    if not ID_PATTERN.fullmatch(job_id):
+        raise JobNotFound(f"no job with id {job_id!r:.80} (job ids are UUIDs)")
+    return job_id
+
+
+def known_backfill_id(backfill_id: str) -> str:
+    if not ID_PATTERN.fullmatch(backfill_id):
+        raise BackfillNotFound(f"no backfill with id {backfill_id!r:.80} (backfill ids are UUIDs)")
+    return backfill_id
 
 
 # --- backfills ----------------------------------------------------------------------------
@@ -408,15 +491,15 @@ def _add_backfill_routes(app: FastAPI, engine: Backfills, authenticated: list[An
 
     @app.get("/v1/backfills/{backfill_id}", dependencies=authenticated, tags=["backfills"])
     def get_backfill(backfill_id: str) -> JSONResponse:
-        return JSONResponse(engine.get(backfill_id))
+        return JSONResponse(engine.get(known_backfill_id(backfill_id)))
 
     @app.post("/v1/backfills/{backfill_id}/pause", dependencies=authenticated, tags=["backfills"])
     def pause_backfill(backfill_id: str) -> JSONResponse:
-        return JSONResponse(engine.pause(backfill_id))
+        return JSONResponse(engine.pause(known_backfill_id(backfill_id)))
 
     @app.post("/v1/backfills/{backfill_id}/cancel", dependencies=authenticated, tags=["backfills"])
     def cancel_backfill(backfill_id: str) -> JSONResponse:
-        return JSONResponse(engine.cancel(backfill_id))
+        return JSONResponse(engine.cancel(known_backfill_id(backfill_id)))
 
     @app.post(
         "/v1/backfills/{backfill_id}/resume",
@@ -425,7 +508,7 @@ def _add_backfill_routes(app: FastAPI, engine: Backfills, authenticated: list[An
         tags=["backfills"],
     )
     def resume_backfill(backfill_id: str) -> JSONResponse:
-        record = engine.get(backfill_id)
+        record = engine.get(known_backfill_id(backfill_id))
         if record["status"] not in ("running", "paused", "failed"):
             raise InvalidTransition(f"backfill {backfill_id} is {record['status']}")
         engine.start_in_thread(backfill_id)
@@ -443,9 +526,11 @@ def _parse_backfill(body: Any) -> tuple[str, str, int | None, bool, dict[str, An
             # Never a plain path: the API must not read the server's own files.
             raise InvalidRequest(f"{name}: expected a location (s3://… or file:///…)")
     if max_in_flight is not None and (
-        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+        isinstance(max_in_flight, bool)
+        or not isinstance(max_in_flight, int)
+        or not 1 <= max_in_flight <= MAX_IN_FLIGHT
     ):
-        raise InvalidRequest("max_in_flight: expected a positive integer")
+        raise InvalidRequest(f"max_in_flight: expected an integer from 1 to {MAX_IN_FLIGHT}")
     if not isinstance(dry_run, bool):
         raise InvalidRequest("dry_run: expected true or false")
     return source, output_prefix, max_in_flight, dry_run, options

@@ -62,6 +62,10 @@ HEAD_THREADS = 16
 REPUBLISH_PAGE = 5000
 MAX_POLL_S = 2.0
 REPORT_NAME = "failures.csv"
+# A backfill's max_in_flight: far above any useful backlog, far below the database's INTEGER.
+MAX_IN_FLIGHT = 1_000_000
+# S3 keys are at most 1,024 bytes; a prefix with its scheme and bucket fits in twice that.
+MAX_LOCATION_LENGTH = 2048
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -301,6 +305,8 @@ class Backfills:
         max_in_flight: int | None = None,
     ) -> dict[str, Any]:
         template = self._check(source, output_prefix, options)
+        if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+            raise InvalidRequest(f"max_in_flight: expected an integer from 1 to {MAX_IN_FLIGHT}")
         moment = jobs.now()
         backfill = Backfill(
             id=str(uuid.uuid4()),
@@ -623,6 +629,8 @@ class Backfills:
 
     def _check(self, source: str, output_prefix: str, options: dict[str, Any]) -> JobRequest:
         """Validate before anything is written; returns the template request."""
+        for name, location in (("source", source), ("output_prefix", output_prefix)):
+            _check_location(name, location)
         template = template_request(options)
         self.storage.check_allowed(join(output_prefix, "_backfills/check"))
         if template.effect == "replace" and template.background:
@@ -640,6 +648,17 @@ class Backfills:
         if source.rstrip("/") == output_prefix.rstrip("/") or _under(source, output_prefix):
             raise InvalidRequest("the source must not lie inside the output prefix")
         return template
+
+
+def _check_location(name: str, location: str) -> None:
+    # A NUL byte or a lone surrogate would reach the database (PostgreSQL refuses both: a
+    # 500), any control character the logs and the failure report.
+    if len(location) > MAX_LOCATION_LENGTH:
+        raise InvalidRequest(f"{name}: longer than {MAX_LOCATION_LENGTH} characters")
+    if any(
+        ord(char) < 0x20 or ord(char) == 0x7F or 0xD800 <= ord(char) <= 0xDFFF for char in location
+    ):
+        raise InvalidRequest(f"{name}: control characters are not allowed in a location")
 
 
 def _get(session: Session, backfill_id: str) -> Backfill:

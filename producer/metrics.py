@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -87,11 +89,45 @@ def job_in_flight() -> Iterator[None]:
 # --- API metrics (a registry per app, so tests and multiple apps never collide) -----------
 
 
-class ScrapeCollector(Collector):
-    """Gauges read from the job store and broker at scrape time, never stale."""
+StoreReading = tuple[dict[str, dict[str, int]], dict[str, int] | None]
 
-    def __init__(self, read: Callable[[], tuple[dict[str, dict[str, int]], dict[str, int] | None]]):
+
+class ScrapeCollector(Collector):
+    """Gauges read from the job store and broker, at most once per `max_age_s`.
+
+    /metrics needs no token, and counting jobs by status is an aggregate over the whole jobs
+    table: read at every scrape, anyone could keep the database busy. So scrapes within
+    `max_age_s` of the last read share its result, and concurrent scrapes wait for the one
+    read in progress instead of starting their own.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], StoreReading],
+        *,
+        max_age_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read = read
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: StoreReading | None = None
+        self._read_at: float | None = None
+
+    def reading(self) -> StoreReading | None:
+        """The last reading if still fresh, else a new one; None while the store fails."""
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._max_age_s:
+                # Failures are kept as long as successes: a down database is not hammered.
+                self._read_at = now
+                try:
+                    self._last = self._read()
+                except Exception as exc:  # a scrape must not fail because the database is down
+                    log.warning("scrape-time stats unavailable: %s", exc)
+                    self._last = None
+            return self._last
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         jobs = GaugeMetricFamily(
@@ -100,11 +136,10 @@ class ScrapeCollector(Collector):
         depth = GaugeMetricFamily(
             "backdrop_queue_depth", "Messages waiting in the broker per queue", labels=["queue"]
         )
-        try:
-            by_queue, depths = self._read()
-        except Exception as exc:  # a scrape must not fail because the database is down
-            log.warning("scrape-time stats unavailable: %s", exc)
+        reading = self.reading()
+        if reading is None:
             return [jobs, depth]
+        by_queue, depths = reading
         for queue, counts in by_queue.items():
             for status, count in counts.items():
                 jobs.add_metric([queue, status], count)
@@ -115,7 +150,11 @@ class ScrapeCollector(Collector):
 
 class ApiMetrics:
     def __init__(
-        self, read_stats: Callable[[], tuple[dict[str, dict[str, int]], dict[str, int] | None]]
+        self,
+        read_stats: Callable[[], StoreReading],
+        *,
+        refresh_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -137,7 +176,7 @@ class ApiMetrics:
             ["queue"],
             registry=self.registry,
         )
-        self.registry.register(ScrapeCollector(read_stats))
+        self.registry.register(ScrapeCollector(read_stats, max_age_s=refresh_s, clock=clock))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method=method, route=route, status=str(status)).inc()

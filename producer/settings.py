@@ -59,8 +59,24 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     # Jobs per POST /v1/jobs: bounds the memory and the transaction one request may take.
     api_max_batch: int = Field(default=10_000, ge=1)
-    # The dashboard's thumbnails stream the stored image as is (no Pillow in the producer).
+    # Bytes of a POST /v1/jobs body, counted as it streams in (chunked bodies included):
+    # 10,000 typical requests take about 3.5 MB. Every other route takes at most 64 KiB.
+    api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Requests per second (and burst) one client address may make without a valid token:
+    # /metrics, /healthz, the dashboard page, and refused /v1 calls. 0: no limit (behind a
+    # proxy every client shares its address; uvicorn trusts X-Forwarded-For from loopback).
+    api_rate_limit_per_s: float = Field(default=5.0, ge=0)
+    api_rate_limit_burst: int = Field(default=20, ge=1)
+    # /metrics reads the job counts at most this often; scrapes in between get the last ones.
+    api_metrics_refresh_s: float = Field(default=5.0, ge=0)
+    # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for.
+    # /openapi.json is always served.
+    api_docs: bool = False
+    # Thumbnails are decoded (PNG, JPEG, WebP only) and re-encoded small, never served as
+    # stored. A stored image over this many bytes, or over this many pixels once decoded
+    # (JPEGs decode at up to 1/8 scale), gets no thumbnail (413).
     api_thumbnail_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    api_thumbnail_max_pixels: int = Field(default=25_000_000, ge=1)
     # Where a worker serves its Prometheus metrics; None: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 

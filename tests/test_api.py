@@ -3,27 +3,36 @@ and a real Redis broker. The TestClient re-raises server errors, so no test pass
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import secrets
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from producer import jobs
-from producer.api import ApiMisconfigured, create_app, decode_cursor
+from producer.api import MIN_TOKEN_LENGTH, ApiMisconfigured, create_app, decode_cursor
 from producer.broker import QUEUE_NAMES
 from producer.db import session_scope
 from producer.settings import Settings
-from tests.conftest import REDIS_TEST_URL, require_service
+from tests.conftest import REDIS_TEST_URL, free_port, poll_until, require_service
 from tests.conftest import run_to_end as finish_job
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "alpha-token-0123456789"
-OTHER_TOKEN = "beta-token-9876543210"
+TOKEN = "alpha-token-0123456789abcdefghijklmnop"
+OTHER_TOKEN = "beta-token-9876543210zyxwvutsrqponm"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -307,29 +316,113 @@ def test_a_queued_job_is_canceled_but_a_running_one_is_409(
 # --- thumbnails, stats, health, docs ------------------------------------------------------
 
 
-def test_a_succeeded_jobs_images_are_served_as_stored(
+def thumbnail(http: TestClient, job_id: str, which: str) -> httpx.Response:
+    return http.get(f"/v1/jobs/{job_id}/thumbnail?which={which}", headers=AUTH)
+
+
+def decoded(response: httpx.Response, media_type: str) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == media_type
+    assert response.headers["x-content-type-options"] == "nosniff"
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+def cut_out(photo: bytes) -> bytes:
+    """The photo as a worker's transparent output: RGBA, its left half fully transparent."""
+    image = Image.open(io.BytesIO(photo)).convert("RGBA")
+    alpha = Image.new("L", image.size, 255)
+    alpha.paste(0, (0, 0, image.width // 2, image.height))
+    image.putalpha(alpha)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def finished_with_output(
+    http: TestClient, settings: Settings, photo_root: Path, output: bytes
+) -> dict[str, Any]:
+    record = submit(http, {"input": location(photo_root)})
+    out = Path(record["output"].removeprefix("file://"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(output)
+    run_to_end(settings, record["id"])
+    return record
+
+
+def test_a_jobs_images_are_served_as_small_reencoded_thumbnails(
     http: TestClient, settings: Settings, photo_root: Path, photo_bytes: dict[str, bytes]
 ) -> None:
     (photo_root / "cat.png").write_bytes(photo_bytes["chelsea"])
     record = submit(http, {"input": location(photo_root)})
-    assert_error(
-        http.get(f"/v1/jobs/{record['id']}/thumbnail?which=output", headers=AUTH),
-        404,
-        "job_not_found",
-    )
-    Path(record["output"].removeprefix("file://")).parent.mkdir(parents=True)
-    Path(record["output"].removeprefix("file://")).write_bytes(photo_bytes["coffee"])
-    run_to_end(settings, record["id"])
+    assert_error(thumbnail(http, record["id"], "output"), 404, "job_not_found")
+    record = finished_with_output(http, settings, photo_root, photo_bytes["coffee"])
     for which, name in (("input", "chelsea"), ("output", "coffee")):
-        response = http.get(f"/v1/jobs/{record['id']}/thumbnail?which={which}", headers=AUTH)
-        assert response.status_code == 200
-        assert response.headers["content-type"] == "image/png"
-        assert response.content == photo_bytes[name]
-    assert_error(
-        http.get(f"/v1/jobs/{record['id']}/thumbnail?which=mask", headers=AUTH),
-        422,
-        "invalid_request",
-    )
+        original = Image.open(io.BytesIO(photo_bytes[name]))
+        image = decoded(thumbnail(http, record["id"], which), "image/jpeg")
+        assert max(image.size) == 320
+        assert image.width / image.height == pytest.approx(original.width / original.height, 0.02)
+    assert_error(thumbnail(http, record["id"], "mask"), 422, "invalid_request")
+
+
+def test_a_transparent_output_keeps_its_transparency_in_a_png_thumbnail(
+    http: TestClient, settings: Settings, photo_root: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    (photo_root / "cat.png").write_bytes(photo_bytes["chelsea"])
+    record = finished_with_output(http, settings, photo_root, cut_out(photo_bytes["chelsea"]))
+    image = decoded(thumbnail(http, record["id"], "output"), "image/png")
+    assert image.mode == "RGBA"
+    assert image.getpixel((2, image.height // 2))[3] == 0
+    assert image.getpixel((image.width - 3, image.height // 2))[3] == 255
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [
+        (b"user data that is not an image\n", "notes.txt"),
+        (b"<html><script>alert(document.cookie)</script></html>", "page.png"),
+        (b"\x89PNG\r\n\x1a\n<script>alert(1)</script>", "truncated.png"),
+        (b"GIF89a" + b"\x00" * 64, "old.gif"),
+    ],
+    ids=["text", "html-named-png", "png-signature-then-html", "gif"],
+)
+def test_a_stored_object_that_is_not_a_png_jpeg_or_webp_is_never_served(
+    http: TestClient, settings: Settings, photo_root: Path, content: bytes, name: str
+) -> None:
+    (photo_root / name).write_bytes(content)
+    record = submit(http, {"input": location(photo_root, name)})
+    run_to_end(settings, record["id"], error_code="invalid_image")
+    response = thumbnail(http, record["id"], "input")
+    assert_error(response, 422, "invalid_image")
+    assert content not in response.content
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_a_decompression_bomb_gets_no_thumbnail(db_url: str, photo_root: Path) -> None:
+    # 64 MP of one colour: a few hundred KB stored, 256 MB once decoded.
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8000, 8000), (255, 0, 0, 255)).save(buffer, "PNG")
+    (photo_root / "bomb.png").write_bytes(buffer.getvalue())
+    with TestClient(create_app(api_settings(db_url, photo_root))) as http:
+        record = submit(http, {"input": location(photo_root, "bomb.png")})
+        error = assert_error(thumbnail(http, record["id"], "input"), 413, "input_too_large")
+    assert "8000×8000" in error["message"]
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_under_the_pixel_cap(
+    db_url: str, photo_root: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    big = Image.open(io.BytesIO(photo_bytes["chelsea"])).convert("RGB").resize((4000, 3000))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=80)
+    (photo_root / "big.jpg").write_bytes(buffer.getvalue())
+    # 12 MP stored, over a 1 MP cap, but decoded at 1/4 scale (1000×750) it fits.
+    settings = api_settings(db_url, photo_root, api_thumbnail_max_pixels=1_000_000)
+    with TestClient(create_app(settings)) as http:
+        record = submit(http, {"input": location(photo_root, "big.jpg")})
+        image = decoded(thumbnail(http, record["id"], "input"), "image/jpeg")
+    assert image.size == (320, 240)
 
 
 def test_an_image_over_the_thumbnail_cap_is_413(
@@ -369,13 +462,20 @@ def test_health_is_200_with_a_database_and_503_without(http: TestClient, photo_r
     down = api_settings("postgresql+psycopg://postgres@127.0.0.1:1/none", photo_root)
     with TestClient(create_app(down)) as unreachable:
         assert_error(unreachable.get("/healthz"), 503, "database_unavailable")
-        assert_error(unreachable.get("/v1/jobs/x", headers=AUTH), 503, "database_unavailable")
+        missing = unreachable.get(f"/v1/jobs/{uuid.uuid4()}", headers=AUTH)
+        assert_error(missing, 503, "database_unavailable")
 
 
-def test_openapi_docs_are_served(http: TestClient) -> None:
-    assert http.get("/docs").status_code == 200
+def test_the_openapi_schema_is_served_and_the_cdn_docs_pages_are_off_by_default(
+    http: TestClient, db_url: str, photo_root: Path
+) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/stats", "/healthz"} <= set(paths)
+    # Swagger UI and ReDoc pull their scripts from a CDN: not on an offline or locked-down host.
+    assert_error(http.get("/docs"), 404, "not_found")
+    assert_error(http.get("/redoc"), 404, "not_found")
+    with TestClient(create_app(api_settings(db_url, photo_root, api_docs=True))) as docs:
+        assert "swagger-ui" in docs.get("/docs").text
 
 
 # --- auth ---------------------------------------------------------------------------------
@@ -402,6 +502,12 @@ def test_openapi_docs_are_served(http: TestClient) -> None:
         ("POST", "/v1/jobs/x/cancel"),
         ("GET", "/v1/jobs/x/thumbnail"),
         ("GET", "/v1/stats"),
+        ("POST", "/v1/backfills"),
+        ("GET", "/v1/backfills"),
+        ("GET", "/v1/backfills/x"),
+        ("POST", "/v1/backfills/x/pause"),
+        ("POST", "/v1/backfills/x/cancel"),
+        ("POST", "/v1/backfills/x/resume"),
     ],
 )
 def test_every_data_route_refuses_a_missing_or_wrong_token(
@@ -431,3 +537,253 @@ def test_without_tokens_the_api_refuses_to_start_unless_explicitly_insecure(
     insecure = api_settings(db_url, photo_root, api_tokens=[], api_insecure_no_auth=True)
     with TestClient(create_app(insecure)) as http:
         assert http.get("/v1/jobs").json() == {"jobs": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        ["x"],
+        [TOKEN, "short-but-not-tiny-0123456789"],
+        ["change-me-to-a-long-random-token"],  # what .env.example used to ship: 32 characters
+        ["CHANGE-ME"],  # infra/k8s/secret.example.yaml
+    ],
+    ids=["one-character", "one-of-two-short", "old-env-example", "k8s-example"],
+)
+def test_the_api_refuses_to_start_with_a_short_or_placeholder_token(
+    db_url: str, photo_root: Path, tokens: list[str]
+) -> None:
+    with pytest.raises(ApiMisconfigured, match=r"secrets\.token_urlsafe") as refused:
+        create_app(api_settings(db_url, photo_root, api_tokens=tokens))
+    assert not any(token in str(refused.value) for token in tokens)
+
+
+def test_a_generated_token_starts_the_api(db_url: str, photo_root: Path) -> None:
+    token = secrets.token_urlsafe(24)
+    assert len(token) == MIN_TOKEN_LENGTH
+    with TestClient(create_app(api_settings(db_url, photo_root, api_tokens=[token]))) as http:
+        assert http.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).is_success
+
+
+# --- limits on what comes in --------------------------------------------------------------
+
+
+def padded_request(root: Path, size: int) -> bytes:
+    """One valid job request, padded with JSON whitespace to `size` bytes."""
+    body = json.dumps({"input": location(root)}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_a_20_mb_body_is_refused_before_it_is_parsed(http: TestClient, photo_root: Path) -> None:
+    response = http.post(
+        "/v1/jobs",
+        content=padded_request(photo_root, 20 * 1024 * 1024),
+        headers=AUTH | {"Content-Type": "application/json"},
+    )
+    assert_error(response, 413, "request_too_large")
+    assert http.get("/v1/jobs", headers=AUTH).json()["jobs"] == []
+
+
+@pytest.fixture
+def served(db_url: str, photo_root: Path) -> Iterator[str]:
+    """The API behind a real uvicorn (TestClient hands a body over in one piece), with a
+    64 KiB body cap."""
+    settings = api_settings(db_url, photo_root, api_max_body_bytes=64 * 1024)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    poll_until(lambda: server.started, timeout=20, what="uvicorn to start")
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_chunked_body_is_cut_off_at_the_cap_without_a_content_length(
+    served: str, photo_root: Path
+) -> None:
+    body = padded_request(photo_root, 1024 * 1024)
+    sent: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 16 * 1024):
+            sent.append(start)
+            yield body[start : start + 16 * 1024]
+
+    headers = AUTH | {"Content-Type": "application/json"}
+    response = httpx.post(f"{served}/v1/jobs", content=chunks(), headers=headers, timeout=30)
+    assert "content-length" not in response.request.headers  # chunked transfer encoding
+    assert_error(response, 413, "request_too_large")
+    listed = httpx.get(f"{served}/v1/jobs", headers=AUTH, timeout=10).json()
+    assert listed["jobs"] == []
+    # The same body under the cap is a job like any other.
+    small = padded_request(photo_root, 60 * 1024)
+    assert httpx.post(f"{served}/v1/jobs", content=small, headers=headers).status_code == 202
+
+
+def test_other_routes_take_small_bodies_only(http: TestClient, photo_root: Path) -> None:
+    body = {
+        "source": location(photo_root, "in/"),
+        "output_prefix": location(photo_root, "out2"),
+        "padding": "x" * 100_000,
+    }
+    assert_error(http.post("/v1/backfills", json=body, headers=AUTH), 413, "request_too_large")
+
+
+def test_ten_thousand_typical_job_requests_fit_under_the_default_body_cap() -> None:
+    typical = {
+        "input": "s3://marketplace-photos-prod/listings/2026/11/27/" + "k" * 60 + ".jpg",
+        "output": "s3://marketplace-derived-prod/cutouts/2026/11/27/" + "k" * 60 + ".png",
+        "effect": "replace",
+        "background": "s3://marketplace-assets/backgrounds/studio-white-v3.jpg",
+        "classes": ["person", "dog", "cat"],
+        "format": "png",
+        "queue": "bulk",
+        "idempotency_key": "listing-" + "0" * 56,
+    }
+    size = len(json.dumps([typical] * 10_000).encode())
+    assert size <= Settings().api_max_body_bytes
+    assert Settings().api_max_batch == 10_000
+
+
+def test_a_client_without_a_token_is_rate_limited_but_a_client_with_one_is_not(
+    db_url: str, photo_root: Path
+) -> None:
+    # A bucket of 3 that refills once a day: the fourth request is over, deterministically.
+    settings = api_settings(
+        db_url, photo_root, api_rate_limit_burst=3, api_rate_limit_per_s=1 / 86_400
+    )
+    app = create_app(settings)
+    with TestClient(app) as http, TestClient(app, client=("203.0.113.9", 4000)) as other:
+        assert [http.get(path).status_code for path in ("/metrics", "/healthz", "/v1/jobs")] == [
+            200,
+            200,
+            401,
+        ]
+        for path in ("/metrics", "/healthz", "/dashboard", "/v1/jobs"):
+            limited = http.get(path, headers={"Authorization": "Bearer wrong"})
+            assert_error(limited, 429, "rate_limited")
+            assert 0 < int(limited.headers["retry-after"]) <= 86_400
+        # Another address has its own bucket; a valid token is never limited.
+        assert other.get("/metrics").status_code == 200
+        assert all(http.get("/v1/jobs", headers=AUTH).status_code == 200 for _ in range(10))
+
+
+# --- no 500 for hostile input -------------------------------------------------------------
+
+HOSTILE = [
+    "\x00",
+    "a\x00b",
+    "\x1b[2J\r\n",
+    "\u202eexe.png",
+    "\U0001f600",
+    "x" * 5000,
+    "../../etc/passwd",
+    "' OR '1'='1",
+    "-1",
+    str(2**31),
+    str(2**63),
+    "1e309",
+    "",
+    " ",
+]
+HOSTILE_IDS = [
+    "nul",
+    "nul-inside",
+    "control",
+    "bidi",
+    "emoji",
+    "long",
+    "traversal",
+    "sql",
+    "negative",
+    "int32-overflow",
+    "int64-overflow",
+    "float-overflow",
+    "empty",
+    "space",
+]
+ID_ROUTES = [
+    ("GET", "/v1/jobs/{}"),
+    ("POST", "/v1/jobs/{}/retry"),
+    ("POST", "/v1/jobs/{}/cancel"),
+    ("GET", "/v1/jobs/{}/thumbnail"),
+    ("GET", "/v1/backfills/{}"),
+    ("POST", "/v1/backfills/{}/pause"),
+    ("POST", "/v1/backfills/{}/cancel"),
+    ("POST", "/v1/backfills/{}/resume"),
+]
+JOB_FIELDS = ["input", "output", "mask_output", "mask", "background", "idempotency_key", "queue"]
+
+
+def assert_refused(response: httpx.Response) -> None:
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["code"]
+
+
+def hostile_requests(value: str, root: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(method, path, httpx arguments) for every route and parameter, carrying `value`."""
+    segment = quote(value, safe="")
+    for method, path in ID_ROUTES:
+        if segment:
+            yield method, path.format(segment), {}
+    for name in ("status", "limit", "cursor"):
+        yield "GET", "/v1/jobs", {"params": {name: value}}
+    for raw in (value, f"2026-01-01T00:00:00+00:00|{value}", f"{value}|{uuid.uuid4()}"):
+        cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        yield "GET", "/v1/jobs", {"params": {"cursor": cursor}}
+    yield "GET", "/v1/backfills", {"params": {"limit": value}}
+    yield "GET", f"/v1/jobs/{uuid.uuid4()}/thumbnail", {"params": {"which": value}}
+    for field in JOB_FIELDS:
+        body = {"input": location(root), "effect": "replace", "background": location(root)}
+        yield "POST", "/v1/jobs", {"json": body | {field: value}}
+        yield "POST", "/v1/jobs", {"json": body | {field: location(root, value)}}
+    backfill = {"source": location(root, "in/"), "output_prefix": location(root, "out2")}
+    for field in ("source", "output_prefix"):
+        yield "POST", "/v1/backfills", {"json": backfill | {field: location(root, value)}}
+    yield "POST", "/v1/backfills", {"json": backfill | {"max_in_flight": value, "dry_run": True}}
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=HOSTILE_IDS)
+def test_no_hostile_parameter_on_any_route_gets_a_500(
+    http: TestClient, photo_root: Path, value: str
+) -> None:
+    for method, path, arguments in hostile_requests(value, photo_root):
+        response = http.request(method, path, headers=AUTH, **arguments)
+        if response.status_code < 400:
+            continue  # a harmless value may well be accepted; it only must not be a 500
+        assert_refused(response)
+
+
+@pytest.mark.parametrize(
+    "max_in_flight",
+    [2**31, 2**63, 2**64, 10**30, 0, -1, 1.5, "10", True],
+    ids=["int32", "int64", "uint64", "huge", "zero", "negative", "float", "string", "bool"],
+)
+def test_a_max_in_flight_out_of_range_is_422(
+    http: TestClient, photo_root: Path, max_in_flight: Any
+) -> None:
+    (photo_root / "in").mkdir(exist_ok=True)
+    body = {
+        "source": location(photo_root, "in/"),
+        "output_prefix": location(photo_root, "out2"),
+        "max_in_flight": max_in_flight,
+    }
+    error = assert_error(
+        http.post("/v1/backfills", json=body, headers=AUTH), 422, "invalid_request"
+    )
+    assert "max_in_flight" in error["message"]
+
+
+@pytest.mark.parametrize("where", ["job", "backfill", "cursor"])
+def test_a_nul_byte_in_an_id_or_cursor_is_a_4xx_not_a_database_error(
+    http: TestClient, where: str
+) -> None:
+    if where == "cursor":
+        cursor = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|a\x00b").decode()
+        assert_error(http.get(f"/v1/jobs?cursor={cursor}", headers=AUTH), 422, "invalid_request")
+        return
+    response = http.get(f"/v1/{where}s/a%00b", headers=AUTH)
+    assert_error(response, 404, f"{where}_not_found")

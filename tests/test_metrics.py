@@ -11,11 +11,19 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from producer.api import create_app
-from producer.metrics import job_in_flight, record_batch, record_job, start_worker_metrics_server
+from producer.db import get_engine
+from producer.metrics import (
+    ScrapeCollector,
+    job_in_flight,
+    record_batch,
+    record_job,
+    start_worker_metrics_server,
+)
 from tests.conftest import poll_until
-from tests.test_api import AUTH, api_settings, location
+from tests.test_api import AUTH, TOKEN, api_settings, location
 
 
 def scrape(http: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -38,7 +46,7 @@ def test_the_api_metrics_follow_submissions_requests_and_the_job_store(
 ) -> None:
     root = tmp_path / "photos"
     root.mkdir()
-    with TestClient(create_app(api_settings(db_url, root))) as http:
+    with TestClient(create_app(api_settings(db_url, root, api_metrics_refresh_s=0))) as http:
         before = scrape(http)
         assert value(before, "backdrop_jobs", queue="bulk", status="queued") == 0
         body = [
@@ -62,16 +70,88 @@ def test_the_api_metrics_follow_submissions_requests_and_the_job_store(
 
 
 def test_requests_are_labelled_by_route_template_not_by_job_id(db_url: str, tmp_path: Path) -> None:
-    settings = api_settings(db_url, tmp_path, broker_url="filesystem://", api_tokens=["t"])
+    settings = api_settings(db_url, tmp_path, broker_url="filesystem://", api_tokens=[TOKEN])
     with TestClient(create_app(settings)) as http:
         for job_id in ("one", "two"):
-            http.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer t"})
+            http.get(f"/v1/jobs/{job_id}", headers=AUTH)
         http.get("/no/such/route")
         samples = scrape(http)
     by_template = {"method": "GET", "route": "/v1/jobs/{job_id}", "status": "404"}
     assert value(samples, "backdrop_api_requests_total", **by_template) == 2
     unmatched = {"method": "GET", "route": "unmatched", "status": "404"}
     assert value(samples, "backdrop_api_requests_total", **unmatched) == 1
+
+
+@pytest.mark.integration
+def test_scrapes_within_the_refresh_interval_share_one_count_of_the_jobs_table(
+    db_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    settings = api_settings(db_url, root, api_metrics_refresh_s=3600, api_rate_limit_per_s=0)
+    aggregates: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "GROUP BY jobs.queue" in statement:
+            aggregates.append(statement)
+
+    engine = get_engine(db_url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with TestClient(create_app(settings)) as http:
+            first = scrape(http)
+            assert http.post("/v1/jobs", json={"input": location(root)}, headers=AUTH).is_success
+            scrapes = [scrape(http) for _ in range(200)]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(aggregates) == 1
+    # The counts are the first scrape's until the interval is over; the request counters
+    # are live.
+    queued = {"queue": "interactive", "status": "queued"}
+    assert value(scrapes[-1], "backdrop_jobs", **queued) == value(first, "backdrop_jobs", **queued)
+    posted = {"method": "POST", "route": "/v1/jobs", "status": "202"}
+    assert value(scrapes[-1], "backdrop_api_requests_total", **posted) == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_store_is_read_again_once_the_refresh_interval_is_over() -> None:
+    clock, reads = Clock(), []
+
+    def read() -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        reads.append(clock.now)
+        return {"bulk": {"queued": len(reads)}}, {"bulk": 0}
+
+    collector = ScrapeCollector(read, max_age_s=5, clock=clock)
+    assert collector.reading() == ({"bulk": {"queued": 1}}, {"bulk": 0})
+    clock.now += 4.9
+    assert collector.reading() == ({"bulk": {"queued": 1}}, {"bulk": 0})
+    clock.now += 0.1
+    assert collector.reading() == ({"bulk": {"queued": 2}}, {"bulk": 0})
+    assert reads == [1000.0, 1005.0]
+
+
+def test_a_failing_store_is_not_asked_again_before_the_interval_is_over() -> None:
+    clock, reads = Clock(), []
+
+    def read() -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        reads.append(clock.now)
+        raise ConnectionError("database down")
+
+    collector = ScrapeCollector(read, max_age_s=5, clock=clock)
+    families = {family.name: family for family in collector.collect()}
+    assert set(families) == {"backdrop_jobs", "backdrop_queue_depth"}
+    assert all(not family.samples for family in families.values())
+    collector.collect()
+    clock.now += 5
+    collector.collect()
+    assert reads == [1000.0, 1005.0]
 
 
 def registry_value(name: str, **labels: str) -> float:
