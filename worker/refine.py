@@ -1,11 +1,20 @@
-"""Mask refinement: the model's coarse, low-resolution mask snapped to the photo's real edges.
+"""Mask refinement: the model's coarse soft mask turned into a full-resolution alpha matte.
 
-DeepLabV3 predicts at 1/8 of its input resolution, so its mask is a smooth blob that misses
-the subject's outline by several pixels. A colour guided filter (He et al., "Guided Image
-Filtering") fits the mask locally as a linear function of the photo's colours, which moves
-its transitions onto the colour edges. The "fast" variant (He & Sun, 2015) solves that fit at
-a working resolution of about 0.4 megapixels and applies it at full resolution, so the cost of a
-12 MP photo is one upsample and a few multiply-adds per pixel.
+DeepLabV3 sees a photo at 520 px and predicts at stride 8: about 65 mask cells along the long
+side, whatever the photo's size. Its soft mask knows where the subject is, not where the edge
+is. Everything below runs at a capped working resolution (WORKING_PIXELS):
+  1. the free reference: the mask's 0.5 contour with a narrow linear ramp;
+  2. in the mask's own transition band (cells neither ≈0 nor ≈1, not widened), each pixel's
+     colour is compared with the sure subject and sure background colours around it (local
+     Gaussian models on the mask's grid); where the two differ clearly the colour moves the
+     edge, which is what rescues a mask that over- or under-reaches by a cell;
+  3. closed-form matting (worker/matting.py) in a narrow strip around that edge gives it the
+     photo's own soft profile;
+  4. a consistency check against the mask on its own 65-cell grid: cells where the matte
+     disagrees with the mask by more than CHECK_TOLERANCE fall back to the reference
+     (colour-based matting fails where subject and background look alike);
+  5. the matte reaches full resolution through a guided filter's local linear model (He & Sun,
+     "Fast Guided Filter", 2015): a 12 MP photo costs one upsample, no full-size solve.
 """
 
 from __future__ import annotations
@@ -13,22 +22,41 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-# The fit is solved at most at this many pixels; larger photos use the upsampled solution.
-WORKING_PIXELS = 400000
-# Two passes, radii as shares of the working image's shorter side. The first pulls the
-# model's wide, blurry transition towards the colour edges; its output is steepened by
-# EDGE_GAIN around 0.5 (the model's blur, not the subject, made it wide); the second, a few
-# pixels wide, gives the edge the photo's own soft profile, applied at full resolution.
-COARSE_RADIUS_FRACTION = 0.008
-FINE_RADIUS_FRACTION = 0.002
-# Regularisation of the local fits (guide in 0..1 units): lower follows weaker colour edges.
-COARSE_EPS = 1e-3
-FINE_EPS = 1e-3
-EDGE_GAIN = 2.0
+from worker.matting import Backend, NumpyBackend, inverse3, solve_matte
+
+WORKING_PIXELS = 300_000
+MASK_CELLS = 65  # DeepLabV3's logits along the long side: ceil(520 / 8)
+# The mask's own band: values strictly between these are unknown, the rest are known.
+BAND_LOW, BAND_HIGH = 0.02, 0.98
+# The free reference's ramp: 4 px per 1,200 px of the image's long side.
+RAMP_SHARE = 4 / 1200
+# Local colour models: statistics on a grid of COLOUR_CELLS along the long side, spread by a
+# Gaussian of COLOUR_SIGMA of its cells; a pixel trusts its colour by the separation of the
+# subject's and background's models (in units of their variance) over SEPARATION.
+COLOUR_CELLS = 65
+COLOUR_SIGMA = 1.0
+COLOUR_NOISE = 1e-3
+SEPARATION = 40.0
+# The matting solve: a strip STRIP_RADIUS working pixels either side of the edge.
+STRIP_RADIUS = 2
+MATTING_RADIUS = 1
+MATTING_EPS = 1e-5
+PRIOR_WEIGHT = 0.02
+ITERATIONS = 40
+CHECK_TOLERANCE = 0.25
+CHECK_RAMP = 0.15
+UPSAMPLE_RADIUS = 1
+UPSAMPLE_EPS = 1e-3
 
 
-def refine_mask(soft: np.ndarray, guide: np.ndarray) -> np.ndarray:
-    """Full-resolution (H, W) uint8 alpha from a low-res [0, 1] mask and the (H, W, 3) photo."""
+def refine_mask(
+    soft: np.ndarray, guide: np.ndarray, *, backend: Backend | None = None
+) -> np.ndarray:
+    """Full-resolution (H, W) uint8 alpha from a [0, 1] mask of any size and the (H, W, 3) photo.
+
+    backend runs the matting solve (default: numpy on this CPU; worker.matting.TorchBackend
+    runs it on a torch device).
+    """
     height, width = guide.shape[:2]
     if soft.ndim != 2 or guide.ndim != 3 or guide.shape[2] != 3:
         raise ValueError(
@@ -37,23 +65,104 @@ def refine_mask(soft: np.ndarray, guide: np.ndarray) -> np.ndarray:
     soft = np.ascontiguousarray(soft, dtype=np.float32)
     low, high = float(soft.min()), float(soft.max())
     if high - low < 1e-6:
-        # A constant mask has no edge to refine; the filter would only add rounding noise.
         return np.full((height, width), _to_byte(low), np.uint8)
     work_w, work_h = working_size(width, height)
     small_guide = _resize(guide, work_w, work_h).astype(np.float32) * (1 / 255)
-    small_mask = _resize(soft, work_w, work_h)
-    short_side = min(work_w, work_h)
-    coarse_radius = max(1, round(COARSE_RADIUS_FRACTION * short_side))
-    fine_radius = max(1, round(FINE_RADIUS_FRACTION * short_side))
-    coeffs = _guided_coefficients(small_guide, small_mask, coarse_radius, COARSE_EPS)
-    steep = _steepen(_evaluate(coeffs, small_guide))
-    return _apply(_guided_coefficients(small_guide, steep, fine_radius, FINE_EPS), guide)
+    mask = np.clip(_resize(soft, work_w, work_h), 0.0, 1.0)
+    reference = reference_alpha(mask)
+    band = (mask > BAND_LOW) & (mask < BAND_HIGH)
+    coloured = np.where(band, colour_alpha(small_guide, mask, reference), reference)
+    matte = matte_strip(small_guide, checked(coloured, mask, reference), backend)
+    matte = checked(matte, mask, reference)
+    return _apply(_guided_coefficients(small_guide, matte), guide)
 
 
 def working_size(width: int, height: int) -> tuple[int, int]:
-    """The (width, height) the fit is solved at: the photo's own, capped at WORKING_PIXELS."""
+    """The (width, height) the matte is solved at: the photo's own, capped at WORKING_PIXELS."""
     scale = min(1.0, (WORKING_PIXELS / (width * height)) ** 0.5)
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def reference_alpha(mask: np.ndarray) -> np.ndarray:
+    """The free reference at the mask's size: its 0.5 contour with a RAMP_SHARE-wide ramp."""
+    ramp = max(RAMP_SHARE * max(mask.shape), 1e-3)
+    gx = cv2.Sobel(mask, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
+    gy = cv2.Sobel(mask, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
+    slope = np.maximum(np.sqrt(gx * gx + gy * gy) * ramp, 1e-4)
+    return np.clip(0.5 + (mask - 0.5) / slope, 0.0, 1.0)
+
+
+def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Subject probability from colour and the mask's prior, trusted where colours separate."""
+    sure_fg = (mask >= BAND_HIGH).astype(np.float32)
+    sure_bg = (mask <= BAND_LOW).astype(np.float32)
+    mean_f, var_f, seen_f = _local_model(guide, sure_fg)
+    mean_b, var_b, seen_b = _local_model(guide, sure_bg)
+    dist_f = np.square(guide - mean_f).sum(axis=2)
+    dist_b = np.square(guide - mean_b).sum(axis=2)
+    # Isotropic Gaussian log-likelihood ratio plus the mask's own log-odds as the prior.
+    ratio = dist_b / (2 * var_b) - dist_f / (2 * var_f) + 1.5 * np.log(var_b / var_f)
+    odds = np.clip(mask, 1e-3, 1 - 1e-3)
+    ratio += np.log(odds / (1 - odds))
+    probability = 1 / (1 + np.exp(-np.clip(ratio, -30, 30)))
+    separation = np.square(mean_f - mean_b).sum(axis=2) / (var_f + var_b)
+    trust = np.clip(separation / SEPARATION, 0.0, 1.0) * ((seen_f > 1e-3) & (seen_b > 1e-3))
+    return reference + trust * (probability - reference)
+
+
+def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Weighted local colour mean, isotropic variance and weight, on a coarse grid."""
+    height, width = weight.shape
+    scale = min(1.0, COLOUR_CELLS / max(height, width))
+    cells = (max(1, round(width * scale)), max(1, round(height * scale)))
+    seen = cv2.resize(weight, cells, interpolation=cv2.INTER_AREA)
+    first = cv2.resize(guide * weight[:, :, None], cells, interpolation=cv2.INTER_AREA)
+    second = cv2.resize(np.square(guide).sum(axis=2) * weight, cells, interpolation=cv2.INTER_AREA)
+    seen, first, second = (cv2.GaussianBlur(x, (0, 0), COLOUR_SIGMA) for x in (seen, first, second))
+    mean = first / np.maximum(seen, 1e-6)[:, :, None]
+    var = np.maximum(second / np.maximum(seen, 1e-6) - np.square(mean).sum(axis=2), 0) / 3
+    var += COLOUR_NOISE
+
+    def up(x: np.ndarray) -> np.ndarray:
+        return cv2.resize(x, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    return up(mean), up(var), up(seen)
+
+
+def matte_strip(guide: np.ndarray, alpha: np.ndarray, backend: Backend | None) -> np.ndarray:
+    """Closed-form matting in a strip around alpha's 0.5 contour; outside it alpha is 0 or 1."""
+    inside = (alpha > 0.5).astype(np.uint8)
+    size = 2 * STRIP_RADIUS + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    strip = cv2.dilate(inside, kernel) > cv2.erode(inside, kernel)
+    if not strip.any():
+        return inside.astype(np.float32)
+    prior = np.where(strip, alpha, inside).astype(np.float32)
+    known = (~strip).astype(np.float32)
+    matte = solve_matte(
+        backend or NumpyBackend(),
+        np.ascontiguousarray(guide.transpose(2, 0, 1)),
+        known,
+        prior,
+        radius=MATTING_RADIUS,
+        eps=MATTING_EPS,
+        weight=PRIOR_WEIGHT,
+        iterations=ITERATIONS,
+    )
+    return np.clip(matte, 0.0, 1.0).astype(np.float32)
+
+
+def checked(matte: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The matte, with the reference wherever it disagrees with the mask on the mask's grid."""
+    height, width = mask.shape
+    scale = min(1.0, MASK_CELLS / max(height, width))
+    cells = (max(1, round(width * scale)), max(1, round(height * scale)))
+    matte_cells = cv2.resize(matte, cells, interpolation=cv2.INTER_AREA)
+    mask_cells = cv2.resize(mask, cells, interpolation=cv2.INTER_AREA)
+    disagreement = np.abs(matte_cells - mask_cells)
+    rejected = np.clip((disagreement - CHECK_TOLERANCE) / CHECK_RAMP, 0.0, 1.0)
+    rejected = cv2.resize(rejected, (width, height), interpolation=cv2.INTER_LINEAR)
+    return matte + rejected * (reference - matte)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -69,54 +178,27 @@ def _box(image: np.ndarray, radius: int) -> np.ndarray:
     return cv2.boxFilter(image, cv2.CV_32F, (size, size), borderType=cv2.BORDER_REFLECT)
 
 
-def _guided_coefficients(
-    guide: np.ndarray, mask: np.ndarray, radius: int, eps: float
-) -> np.ndarray:
-    """Per-pixel (a_r, a_g, a_b, b), window-averaged, so that mask ≈ a · guide + b."""
+def _guided_coefficients(guide: np.ndarray, matte: np.ndarray) -> np.ndarray:
+    """Per-pixel (a_r, a_g, a_b, b), window-averaged, so that matte ≈ a · guide + b."""
+    radius = UPSAMPLE_RADIUS
     mean_i = _box(guide, radius)
-    mean_p = _box(mask, radius)
-    # cov(I, p) per channel and the symmetric 3x3 colour covariance of each window.
-    cov_ip = _box(guide * mask[:, :, None], radius) - mean_i * mean_p[:, :, None]
+    mean_p = _box(matte, radius)
+    cov_ip = _box(guide * matte[:, :, None], radius) - mean_i * mean_p[:, :, None]
     channels = [guide[:, :, c] for c in range(3)]
     means = [mean_i[:, :, c] for c in range(3)]
     var = {}
     for i in range(3):
         for j in range(i, 3):
             var[i, j] = _box(channels[i] * channels[j], radius) - means[i] * means[j]
-            if i == j:
-                var[i, j] += eps
-    a = _solve_symmetric3(var, cov_ip)
+        var[i, i] += UPSAMPLE_EPS
+    s = inverse3(var)
+    r0, r1, r2 = cov_ip[:, :, 0], cov_ip[:, :, 1], cov_ip[:, :, 2]
+    a = np.stack(
+        [s[0] * r0 + s[1] * r1 + s[2] * r2, s[1] * r0 + s[3] * r1 + s[4] * r2,
+         s[2] * r0 + s[4] * r1 + s[5] * r2], axis=2,
+    )  # fmt: skip
     b = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
-    coeffs = np.concatenate([a, b[:, :, None]], axis=2)
-    return _box(coeffs, radius)
-
-
-def _solve_symmetric3(var: dict[tuple[int, int], np.ndarray], rhs: np.ndarray) -> np.ndarray:
-    """Solve the per-pixel 3x3 system var · a = rhs by the adjugate (no Python loop per pixel)."""
-    s00, s01, s02 = var[0, 0], var[0, 1], var[0, 2]
-    s11, s12, s22 = var[1, 1], var[1, 2], var[2, 2]
-    c00 = s11 * s22 - s12 * s12
-    c01 = s02 * s12 - s01 * s22
-    c02 = s01 * s12 - s02 * s11
-    c11 = s00 * s22 - s02 * s02
-    c12 = s01 * s02 - s00 * s12
-    c22 = s00 * s11 - s01 * s01
-    inv_det = 1.0 / (s00 * c00 + s01 * c01 + s02 * c02)
-    r0, r1, r2 = rhs[:, :, 0], rhs[:, :, 1], rhs[:, :, 2]
-    a0 = (c00 * r0 + c01 * r1 + c02 * r2) * inv_det
-    a1 = (c01 * r0 + c11 * r1 + c12 * r2) * inv_det
-    a2 = (c02 * r0 + c12 * r1 + c22 * r2) * inv_det
-    return np.stack([a0, a1, a2], axis=2)
-
-
-def _evaluate(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
-    """a · I + b at the working resolution, I already float32 in 0..1."""
-    q = cv2.transform(np.ascontiguousarray(coeffs[:, :, :3] * guide), np.ones((1, 3), np.float32))
-    return q + coeffs[:, :, 3]
-
-
-def _steepen(q: np.ndarray) -> np.ndarray:
-    return np.clip((q - 0.5) * EDGE_GAIN + 0.5, 0.0, 1.0)
+    return _box(np.concatenate([a, b[:, :, None]], axis=2), radius)
 
 
 def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
@@ -130,7 +212,7 @@ def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
 
 
 def _to_bytes(q: np.ndarray) -> np.ndarray:
-    np.multiply(q, 255, out=q)
+    q = q * 255
     np.add(q, 0.5, out=q)
     np.clip(q, 0, 255, out=q)
     return q.astype(np.uint8)

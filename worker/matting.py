@@ -1,0 +1,196 @@
+"""Closed-form matting (Levin, Lischinski & Weiss 2008) solved without building its matrix.
+
+The matting Laplacian L says "inside every small window, alpha is an affine function of the
+colour". He, Sun & Tang ("Fast Matting Using Large Kernel Matting Laplacian Matrices", 2010)
+showed that L·p needs only box filters and a 3x3 solve per pixel, so conjugate gradients can
+minimise αᵀLα + λ·Σ c(α − prior)² over the unknown pixels with memory linear in the image
+and no sparse system at all. Box filters and elementwise arithmetic are all it takes, so the
+same code runs on numpy arrays (OpenCV's box filter) and on torch tensors (on the worker's
+device): `Backend` is the only difference between the two.
+
+Arrays are channel-first: a guide is (3, H, W) float32 in 0..1, a matte (H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+Array = Any  # numpy.ndarray or torch.Tensor; the code below uses only what both provide
+
+
+class Backend(Protocol):
+    def box_sum(self, x: Array, radius: int) -> Array:
+        """Sum over the (2r+1)² window around each pixel, zero outside the image."""
+
+    def ones_like(self, x: Array) -> Array: ...
+
+    def stack(self, arrays: list[Array]) -> Array: ...
+
+    def asarray(self, x: np.ndarray) -> Array: ...
+
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+
+class NumpyBackend:
+    def box_sum(self, x: Array, radius: int) -> Array:
+        size = (2 * radius + 1, 2 * radius + 1)
+        if x.ndim == 3:
+            return np.stack([self.box_sum(channel, radius) for channel in x])
+        return cv2.boxFilter(x, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
+
+    def ones_like(self, x: Array) -> Array:
+        return np.ones_like(x)
+
+    def stack(self, arrays: list[Array]) -> Array:
+        return np.stack(arrays)
+
+    def asarray(self, x: np.ndarray) -> Array:
+        return x
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return x
+
+
+class TorchBackend:
+    """The solve on a torch device (a GPU worker's), in float32 like the numpy path."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def box_sum(self, x: Array, radius: int) -> Array:
+        import torch.nn.functional as functional
+
+        batch = x[None] if x.ndim == 3 else x[None, None]
+        size = 2 * radius + 1
+        summed = functional.avg_pool2d(batch, size, 1, radius, divisor_override=1)
+        return summed[0] if x.ndim == 3 else summed[0, 0]
+
+    def ones_like(self, x: Array) -> Array:
+        import torch
+
+        return torch.ones_like(x)
+
+    def stack(self, arrays: list[Array]) -> Array:
+        import torch
+
+        return torch.stack(arrays)
+
+    def asarray(self, x: np.ndarray) -> Array:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return x.cpu().numpy()
+
+
+@dataclass
+class Laplacian:
+    """L·p for one guide, with every window's colour statistics computed once."""
+
+    backend: Backend
+    guide: Array  # (3, H, W)
+    radius: int
+    count: Array  # pixels in each window (fewer at the border)
+    mean: Array  # (3, H, W) window colour means
+    inverse: list[Array]  # the 6 entries of each window's symmetric (Σ + εU)⁻¹
+
+    @classmethod
+    def of(cls, guide: Array, radius: int, eps: float, backend: Backend) -> Laplacian:
+        box = backend.box_sum
+        count = box(backend.ones_like(guide[0]), radius)
+        mean = box(guide, radius) / count
+        cov = {}
+        for i in range(3):
+            for j in range(i, 3):
+                cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
+            cov[i, i] = cov[i, i] + eps
+        return cls(backend, guide, radius, count, mean, inverse3(cov))
+
+    def __call__(self, p: Array) -> Array:
+        box, radius = self.backend.box_sum, self.radius
+        mean_p = box(p, radius) / self.count
+        cov_ip = box(self.guide * p, radius) / self.count - self.mean * mean_p
+        i00, i01, i02, i11, i12, i22 = self.inverse
+        c0, c1, c2 = cov_ip[0], cov_ip[1], cov_ip[2]
+        a = self.backend.stack(
+            [i00 * c0 + i01 * c1 + i02 * c2, i01 * c0 + i11 * c1 + i12 * c2,
+             i02 * c0 + i12 * c1 + i22 * c2]
+        )  # fmt: skip
+        b = mean_p - (a * self.mean).sum(0)
+        return self.count * p - ((box(a, radius) * self.guide).sum(0) + box(b, radius))
+
+
+def inverse3(cov: dict[tuple[int, int], Array]) -> list[Array]:
+    """Per-pixel inverse of a symmetric 3x3 matrix by its adjugate."""
+    s00, s01, s02 = cov[0, 0], cov[0, 1], cov[0, 2]
+    s11, s12, s22 = cov[1, 1], cov[1, 2], cov[2, 2]
+    c00 = s11 * s22 - s12 * s12
+    c01 = s02 * s12 - s01 * s22
+    c02 = s01 * s12 - s02 * s11
+    c11 = s00 * s22 - s02 * s02
+    c12 = s01 * s02 - s00 * s12
+    c22 = s00 * s11 - s01 * s01
+    inv_det = 1.0 / (s00 * c00 + s01 * c01 + s02 * c02)
+    return [c * inv_det for c in (c00, c01, c02, c11, c12, c22)]
+
+
+def solve(
+    laplacian: Laplacian,
+    known: Array,
+    prior: Array,
+    weight: float,
+    iterations: int,
+) -> Array:
+    """argmin αᵀLα + weight·|α − prior|² over the pixels where known is 0; the rest keep prior.
+
+    known is 1.0 on pixels whose alpha is given (prior holds their value), 0.0 elsewhere. The
+    prior pulls the unknown pixels towards it where the colours say little (L is flat there),
+    which is what keeps a matte sane where subject and background colours match.
+    """
+    unknown = 1.0 - known
+    fixed = known * prior
+
+    def operator(z: Array) -> Array:
+        return unknown * (laplacian(z) + weight * z)
+
+    # Start from the prior: its residual is small wherever it already fits the colours.
+    z = unknown * prior
+    residual = unknown * (weight * prior - laplacian(fixed)) - operator(z)
+    direction = residual
+    rr = float((residual * residual).sum())
+    for _ in range(iterations):
+        if rr <= 1e-12:
+            break
+        ap = operator(direction)
+        curvature = float((direction * ap).sum())
+        if curvature <= 0.0:  # rounding made L look indefinite: stop where we are
+            break
+        step = rr / curvature
+        z = z + step * direction
+        residual = residual - step * ap
+        rr_next = float((residual * residual).sum())
+        direction = residual + (rr_next / rr) * direction
+        rr = rr_next
+    return fixed + z
+
+
+def solve_matte(
+    backend: Backend,
+    guide: np.ndarray,
+    known: np.ndarray,
+    prior: np.ndarray,
+    *,
+    radius: int,
+    eps: float,
+    weight: float,
+    iterations: int,
+) -> np.ndarray:
+    """solve() for numpy inputs, run on backend's arrays and device; a numpy matte back."""
+    laplacian = Laplacian.of(backend.asarray(guide), radius, eps, backend)
+    matte = solve(laplacian, backend.asarray(known), backend.asarray(prior), weight, iterations)
+    return backend.to_numpy(matte)
