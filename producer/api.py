@@ -58,7 +58,7 @@ from producer.errors import (
     PermanentError,
     TransientError,
 )
-from producer.limits import GuardPolicy, RateLimiter, RequestGuard
+from producer.limits import VERIFIED_TOKEN, GuardPolicy, RateLimiter, RequestGuard
 from producer.metrics import ApiMetrics
 from producer.request import JobRequest, parse_request
 from producer.settings import Settings, get_settings
@@ -186,12 +186,15 @@ class BearerAuth:
 
     async def __call__(
         self,
+        request: Request,
         credentials: Annotated[
             HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
         ],
     ) -> None:
         if not self._tokens:  # insecure-no-auth, refused at create_app unless chosen
             return
+        if request.scope.get(VERIFIED_TOKEN):
+            return  # the guard compared it already: once per request, as the timing promises
         if credentials is None:
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
         if not self._matches(credentials.credentials.encode()):

@@ -25,6 +25,9 @@ SMALL_BODY_BYTES = 64 * 1024
 # bucket and a forgotten one are the same thing, so only a client over its rate loses state).
 MAX_CLIENTS = 10_000
 PROTECTED_PREFIX = "/v1/"
+# Set in the scope once the guard has found a valid token, so the routes' own check does not
+# compare it a second time.
+VERIFIED_TOKEN = "backdrop.verified_token"
 
 
 class _Disconnected(Exception):
@@ -141,7 +144,9 @@ class RequestGuard:
             # An open API (insecure-no-auth): its data routes are everyone's; only the public
             # routes are rate limited, as they are with tokens.
             return scope["path"].startswith(PROTECTED_PREFIX)
-        return check(_header(scope, b"authorization"))
+        verified = check(_header(scope, b"authorization"))
+        scope[VERIFIED_TOKEN] = verified
+        return verified
 
 
 def _client(scope: Scope) -> str:

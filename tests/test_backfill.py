@@ -37,7 +37,7 @@ from tests.conftest import S3_TEST_CREDENTIALS, poll_until, redis_url_for_tests
 pytestmark = pytest.mark.integration
 
 PHOTOS = 300
-TOKEN = "backfill-token-0123456789"
+TOKEN = "backfill-token-0123456789abcdefghij"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

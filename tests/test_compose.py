@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -205,8 +206,11 @@ def run_docker_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedP
     )
 
 
+GENERATED_TOKEN = secrets.token_urlsafe(32)
+
+
 def test_docker_compose_accepts_the_file_once_api_tokens_are_set() -> None:
-    result = run_docker_compose("config", "-q", env={"BACKDROP_API_TOKENS": "secret-token"})
+    result = run_docker_compose("config", "-q", env={"BACKDROP_API_TOKENS": GENERATED_TOKEN})
     assert result.returncode == 0, result.stderr
 
 
@@ -216,9 +220,54 @@ def test_docker_compose_refuses_to_start_without_api_tokens() -> None:
     assert "BACKDROP_API_TOKENS" in result.stderr
 
 
-def test_docker_compose_accepts_the_example_environment_file() -> None:
-    result = run_docker_compose("--env-file", str(ENV_EXAMPLE), "config", "-q", env={})
+def test_docker_compose_accepts_the_example_environment_file_once_a_token_is_set() -> None:
+    # A variable set in the shell wins over the env file, as it does for `docker compose up`.
+    env = {"BACKDROP_API_TOKENS": GENERATED_TOKEN}
+    result = run_docker_compose("--env-file", str(ENV_EXAMPLE), "config", "-q", env=env)
     assert result.returncode == 0, result.stderr
+
+
+def example_value(name: str) -> str:
+    (value,) = re.findall(rf"^{name}=(.*)$", ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    return value
+
+
+def test_the_example_environment_ships_no_working_api_token() -> None:
+    assert example_value("BACKDROP_API_TOKENS") == ""
+    result = run_docker_compose("--env-file", str(ENV_EXAMPLE), "config", "-q", env={})
+    assert result.returncode != 0
+    assert "BACKDROP_API_TOKENS" in result.stderr
+
+
+def published_hosts(services: dict[str, Any]) -> dict[str, list[str]]:
+    """Each service's published host addresses, with ${VAR:-default} at its default."""
+    hosts: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            resolved = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", str(port))
+            parts = resolved.split(":")
+            hosts.setdefault(name, []).append(parts[0] if len(parts) == 3 else "0.0.0.0")
+    return hosts
+
+
+def test_every_published_port_is_on_loopback_unless_told_otherwise(
+    services: dict[str, Any],
+) -> None:
+    hosts = published_hosts(services)
+    assert "api" in hosts
+    assert all(host == "127.0.0.1" for published in hosts.values() for host in published), hosts
+    assert example_value("BACKDROP_API_BIND") == "127.0.0.1"
+
+
+def test_docker_compose_publishes_the_api_where_api_bind_says() -> None:
+    env = {"BACKDROP_API_TOKENS": GENERATED_TOKEN}
+    default = run_docker_compose("config", env=env)
+    assert default.returncode == 0, default.stderr
+    api = yaml.safe_load(default.stdout)["services"]["api"]
+    assert [str(port).split(":")[0] for port in api["ports"]] == ["127.0.0.1"]
+    chosen = run_docker_compose("config", env=env | {"BACKDROP_API_BIND": "0.0.0.0"})
+    api = yaml.safe_load(chosen.stdout)["services"]["api"]
+    assert [str(port).split(":")[0] for port in api["ports"]] == ["0.0.0.0"]
 
 
 def test_the_gpu_and_cpu_workers_are_alternative_profiles(services: dict[str, Any]) -> None:

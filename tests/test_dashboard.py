@@ -20,7 +20,7 @@ from tests.conftest import poll_until, require_service, run_to_end
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "dashboard-token-0123456789"
+TOKEN = "dashboard-token-0123456789abcdefghij"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

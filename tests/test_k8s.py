@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from producer.api import ApiMisconfigured, check_tokens
 from producer.broker import QUEUE_NAMES
 from producer.settings import Settings
 from tests.conftest import require_service
@@ -310,6 +311,18 @@ def test_credentials_come_from_the_secret_and_its_example_has_every_key(
     for ref in refs:
         assert ref["name"] == SECRET_NAME
         assert ref["key"] in example
+
+
+def test_the_example_secrets_api_token_does_not_start_an_api() -> None:
+    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())["stringData"]
+    settings = Settings(api_tokens=example["api-tokens"])
+    with pytest.raises(ApiMisconfigured, match="BACKDROP_API_TOKENS"):
+        check_tokens(settings)
+
+
+def test_the_api_is_reachable_inside_the_cluster_only(manifests: list[Manifest]) -> None:
+    service = of_kind(manifests, "Service")["backdrop-api"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
 
 
 def test_the_configmap_holds_real_settings_and_no_credentials(manifests: list[Manifest]) -> None:
