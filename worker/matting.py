@@ -30,7 +30,10 @@ class Backend(Protocol):
 
     def stack(self, arrays: list[Array]) -> Array: ...
 
-    def asarray(self, x: np.ndarray) -> Array: ...
+    def asarray(self, x: np.ndarray, dtype: type = np.float32) -> Array: ...
+
+    def single(self, x: Array) -> Array:
+        """x in float32."""
 
     def to_numpy(self, x: Array) -> np.ndarray: ...
 
@@ -48,8 +51,11 @@ class NumpyBackend:
     def stack(self, arrays: list[Array]) -> Array:
         return np.stack(arrays)
 
-    def asarray(self, x: np.ndarray) -> Array:
-        return x
+    def asarray(self, x: np.ndarray, dtype: type = np.float32) -> Array:
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def single(self, x: Array) -> Array:
+        return x.astype(np.float32)
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x
@@ -79,10 +85,13 @@ class TorchBackend:
 
         return torch.stack(arrays)
 
-    def asarray(self, x: np.ndarray) -> Array:
+    def asarray(self, x: np.ndarray, dtype: type = np.float32) -> Array:
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(self.device)
+
+    def single(self, x: Array) -> Array:
+        return x.float()
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.cpu().numpy()
@@ -100,8 +109,11 @@ class Laplacian:
     inverse: list[Array]  # the 6 entries of each window's symmetric (Σ + εU)⁻¹
 
     @classmethod
-    def of(cls, guide: Array, radius: int, eps: float, backend: Backend) -> Laplacian:
+    def of(cls, guide: np.ndarray, radius: int, eps: float, backend: Backend) -> Laplacian:
+        """The statistics in float64: in float32, E[I²] − E[I]² loses the small variances of
+        flat windows, their inverse turns indefinite and conjugate gradients diverge."""
         box = backend.box_sum
+        guide = backend.asarray(guide, np.float64)
         count = box(backend.ones_like(guide[0]), radius)
         mean = box(guide, radius) / count
         cov = {}
@@ -109,7 +121,9 @@ class Laplacian:
             for j in range(i, 3):
                 cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
             cov[i, i] = cov[i, i] + eps
-        return cls(backend, guide, radius, count, mean, inverse3(cov))
+        single = backend.single
+        inverse = [single(x) for x in inverse3(cov)]
+        return cls(backend, single(guide), radius, single(count), single(mean), inverse)
 
     def __call__(self, p: Array) -> Array:
         box, radius = self.backend.box_sum, self.radius
@@ -191,6 +205,6 @@ def solve_matte(
     iterations: int,
 ) -> np.ndarray:
     """solve() for numpy inputs, run on backend's arrays and device; a numpy matte back."""
-    laplacian = Laplacian.of(backend.asarray(guide), radius, eps, backend)
+    laplacian = Laplacian.of(guide, radius, eps, backend)
     matte = solve(laplacian, backend.asarray(known), backend.asarray(prior), weight, iterations)
     return backend.to_numpy(matte)
