@@ -476,9 +476,15 @@ def cost_table(results: list[Result]) -> None:
 # --- picture ---------------------------------------------------------
 
 
-def picture(case: Case, path: Path, centre: tuple[int, int], side: int = 160) -> None:
-    """Crops of one edge: alpha (top) and composite over green (bottom), for each method."""
-    x, y = centre
+def picture(case: Case, path: Path, side: int = 160) -> None:
+    """Crops of one edge: alpha (top) and composite over green (bottom), for each method.
+
+    The crop is the window holding the most true edge (not the one that flatters a method).
+    """
+    edges = cv2.boxFilter(gradient(case.truth), -1, (side, side), normalize=False)
+    y, x = np.unravel_index(int(np.argmax(edges)), edges.shape)
+    y = min(max(y, side // 2), case.truth.shape[0] - side // 2)
+    x = min(max(x, side // 2), case.truth.shape[1] - side // 2)
     window = (slice(y - side // 2, y + side // 2), slice(x - side // 2, x + side // 2))
     alphas = {
         "tutorial": tutorial_alpha(case.soft, case.guide),
@@ -501,7 +507,7 @@ def picture(case: Case, path: Path, centre: tuple[int, int], side: int = 160) ->
         tiles.append(np.full((tiles[-1].shape[0], 6, 3), 255, np.uint8))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles[:-1], axis=1)).save(path, optimize=True)
-    print(f"\npicture: {path} ({case.name}, {side} px around {centre}, 2x)")
+    print(f"\npicture: {path} ({case.name}, {side} px around ({x}, {y}), 2x)")
 
 
 def main() -> int:
@@ -523,8 +529,8 @@ def main() -> int:
             f"{plan.name:<50} ours/tutorial SAD {ours.sad / result.scores['tutorial'].sad:.2f}",
             flush=True,
         )
-        if args.picture and plan == TUNING[2]:
-            picture(case, args.picture, centre=(SIZES["2MP"][0] // 2 - 170, 300))
+        if args.picture and plan == TUNING[0]:
+            picture(case, args.picture)
     ratio_table(results, "sad", "alpha SAD")
     ratio_table(results, "mse", "alpha MSE")
     ratio_table(results, "grad", "alpha gradient error")
