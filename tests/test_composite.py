@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from producer.errors import InvalidRequest
 from worker import composite
+from worker.imageio import encode_image
 
 
 @pytest.fixture
@@ -164,3 +168,96 @@ def test_effects_on_a_real_12_megapixel_photo_keep_its_size(photo_paths) -> None
     ):
         assert out.shape == image.shape
         assert np.array_equal(out[1000:2000, 1500:2500], image[1000:2000, 1500:2500])
+
+
+RED, GREEN = (200, 30, 30), (30, 160, 40)
+
+
+@pytest.fixture
+def red_over_green() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(photo, alpha, foreground): a pure red subject over green with a soft edge."""
+    alpha = np.zeros((120, 160), np.uint8)
+    alpha[:, 80:] = 255
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 2)
+    foreground = np.full((120, 160, 3), RED, np.uint8)
+    photo = composite.blend(foreground, np.full_like(foreground, GREEN), alpha)
+    return photo, alpha, foreground
+
+
+def half_alpha(alpha: np.ndarray) -> np.ndarray:
+    half = (alpha > 100) & (alpha < 155)
+    assert half.any()
+    return half
+
+
+def expected_blend(
+    alpha: np.ndarray, front: tuple[int, int, int], back: tuple[int, int, int]
+) -> np.ndarray:
+    weight = alpha.astype(np.float64)[:, :, None] / 255
+    return np.asarray(front) * weight + np.asarray(back) * (1 - weight)
+
+
+def test_transparent_output_carries_the_subjects_colour_with_straight_alpha(
+    red_over_green,
+) -> None:
+    photo, alpha, foreground = red_over_green
+    out = composite.remove_background(foreground, alpha, None)
+    half = half_alpha(alpha)
+    # Straight alpha: a half-transparent edge pixel is the subject's full red, neither
+    # darkened (premultiplied) nor olive (the photo's own mix with the old green).
+    assert (out[half, :3] == RED).all()
+    assert np.array_equal(out[:, :, 3], alpha)
+    assert (photo[half, 0].astype(int) - photo[half, 1] < 60).all()
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_encoded_transparent_outputs_keep_straight_alpha(red_over_green, fmt: str) -> None:
+    _, alpha, foreground = red_over_green
+    encoded = encode_image(composite.remove_background(foreground, alpha, None), fmt)
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGBA"))
+    half = half_alpha(alpha)
+    assert np.array_equal(decoded[:, :, 3], alpha)
+    assert np.abs(decoded[half, :3].astype(int) - RED).max() <= 4  # webp is lossy
+
+
+def test_remove_onto_a_colour_mixes_the_subject_with_that_colour_only(red_over_green) -> None:
+    _, alpha, foreground = red_over_green
+    blue = (0, 0, 255)
+    out = composite.remove_background(foreground, alpha, blue)
+    assert np.abs(out - expected_blend(alpha, RED, blue)).max() <= 0.5 + 1e-9
+
+
+def test_replace_mixes_the_subject_with_the_new_background_only(red_over_green) -> None:
+    _, alpha, foreground = red_over_green
+    blue = (0, 0, 255)
+    out = composite.replace_background(foreground, alpha, np.full((60, 80, 3), blue, np.uint8))
+    assert np.abs(out - expected_blend(alpha, RED, blue)).max() <= 1
+
+
+def test_blur_takes_the_subjects_share_out_of_edge_pixels_before_blurring(red_over_green) -> None:
+    photo, alpha, foreground = red_over_green
+    sigma = composite.blur_sigma(160, 120, 1.0)
+    band = (alpha > 0) & (alpha < 255)
+    without = composite.background_blur(photo, alpha, sigma)
+    with_foreground = composite.background_blur(photo, alpha, sigma, foreground)
+    # I·(1 − a) keeps a·(1 − a) of the subject's red in edge pixels; I − a·F keeps none.
+    assert without[band, 0].max() > GREEN[0] + 15
+    assert np.abs(with_foreground[band].astype(int) - GREEN).max() <= 2
+
+
+def test_blur_draws_the_subject_with_its_foreground_colours(red_over_green) -> None:
+    photo, alpha, foreground = red_over_green
+    out = composite.blur_background(photo, alpha, 1.0, foreground)
+    # The old background is flat green, so its blur is green and the edge is red over green.
+    assert np.abs(out - expected_blend(alpha, RED, GREEN)).max() <= 2
+
+
+def test_desaturate_greys_the_old_backgrounds_share_of_edge_pixels_only(red_over_green) -> None:
+    photo, alpha, foreground = red_over_green
+    grey_green = 0.299 * GREEN[0] + 0.587 * GREEN[1] + 0.114 * GREEN[2]
+    expected = expected_blend(alpha, RED, (grey_green,) * 3)
+    out = composite.desaturate_background(photo, alpha, foreground)
+    without = composite.desaturate_background(photo, alpha)
+    # Greying the whole edge pixel greys the subject's share too (a grey ghost of red).
+    assert np.abs(without - expected).max() > 10
+    assert np.abs(out - expected).max() <= 1

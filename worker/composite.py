@@ -1,5 +1,11 @@
 """Compositing: the four background effects, uint8 in and out at full resolution.
 
+Every effect draws the subject with its foreground colours F (worker/foreground.py: the
+photo's own colours except in the edge band, where the old background's share is taken out),
+so edge pixels show the subject over the new background, not a halo of the old one. Effects
+that keep the photo's background (blur, desaturate) take the photo too, and use I − a·F, the
+old background's own share of each edge pixel, as that background.
+
 All blending goes through OpenCV (which releases the GIL, so a worker's threads composite in
 parallel) in uint8/uint16/float32: an alpha of 255 keeps the subject's pixel exactly and 0
 gives the background's pixel exactly, with no float64 copies of a 12 MP photo.
@@ -21,6 +27,8 @@ BLUR_SIGMA_FRACTION = 0.02
 # Blurs wider than this many pixels are computed at a reduced scale where sigma is this wide:
 # a Gaussian that wide has no detail left that bilinear upsampling could lose.
 BLUR_WORKING_SIGMA = 4.0
+# Rec.601 luma weights of R, G, B: what cv2.COLOR_RGB2GRAY computes.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 # Background weight below which a neighbourhood is all subject and the plain blur takes over.
 _WEIGHT_GUARD = 1e-3
 
@@ -56,27 +64,36 @@ def blend(foreground: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> 
 
 
 def remove_background(
-    image: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, int] | None
+    foreground: np.ndarray, alpha: np.ndarray, colour: tuple[int, int, int] | None
 ) -> np.ndarray:
-    """None → RGBA with alpha as the 4th channel (RGB unchanged); else RGB over the colour."""
+    """None → RGBA: F with straight (not premultiplied) alpha; else F over the colour."""
     if colour is None:
-        return cv2.merge([*cv2.split(image), alpha])
-    return blend(image, _solid(image.shape[1], image.shape[0], colour), alpha)
+        return cv2.merge([*cv2.split(foreground), alpha])
+    height, width = foreground.shape[:2]
+    return blend(foreground, _solid(width, height, colour), alpha)
 
 
-def replace_background(image: np.ndarray, alpha: np.ndarray, background: np.ndarray) -> np.ndarray:
+def replace_background(
+    foreground: np.ndarray, alpha: np.ndarray, background: np.ndarray
+) -> np.ndarray:
     """The subject over another photo of any size, scaled to cover the frame."""
-    height, width = image.shape[:2]
-    return blend(image, cover(background, width, height), alpha)
+    height, width = foreground.shape[:2]
+    return blend(foreground, cover(background, width, height), alpha)
 
 
-def blur_background(image: np.ndarray, alpha: np.ndarray, strength: float) -> np.ndarray:
-    """The subject over a blur of its own background, with no halo of subject colours."""
+def blur_background(
+    image: np.ndarray,
+    alpha: np.ndarray,
+    strength: float,
+    foreground: np.ndarray | None = None,
+) -> np.ndarray:
+    """The subject (F, default the photo) over a blur of its own background, with no halo."""
     if not 0 < strength <= 1:
         raise InvalidRequest(f"blur strength must be in (0, 1], got {strength}")
+    foreground = image if foreground is None else foreground
     height, width = image.shape[:2]
     sigma = blur_sigma(width, height, strength)
-    return blend(image, background_blur(image, alpha, sigma), alpha)
+    return blend(foreground, background_blur(image, alpha, sigma, foreground), alpha)
 
 
 def blur_sigma(width: int, height: int, strength: float) -> float:
@@ -84,12 +101,16 @@ def blur_sigma(width: int, height: int, strength: float) -> float:
     return max(0.5, strength * BLUR_SIGMA_FRACTION * math.hypot(width, height))
 
 
-def background_blur(image: np.ndarray, alpha: np.ndarray, sigma: float) -> np.ndarray:
-    """Normalised convolution blur(img·w) / blur(w), w = 1 − alpha: the subject is left out.
+def background_blur(
+    image: np.ndarray, alpha: np.ndarray, sigma: float, foreground: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalised convolution blur((1 − a)·B) / blur(1 − a): the subject is left out.
 
     A plain blur would smear the subject's colours into the background around it (the
-    tutorial's halo). Where the whole neighbourhood is subject the weights vanish, and the
-    plain blur fills in smoothly instead of noise.
+    tutorial's halo). (1 − a)·B is I − a·F given the foreground F, and I·(1 − a) without
+    one (which keeps a·(1 − a)·F of subject colour in edge pixels). Where the whole
+    neighbourhood is subject the weights vanish, and the plain blur fills in smoothly
+    instead of noise.
     """
     height, width = image.shape[:2]
     scale = min(1.0, BLUR_WORKING_SIGMA / sigma)
@@ -97,6 +118,8 @@ def background_blur(image: np.ndarray, alpha: np.ndarray, sigma: float) -> np.nd
     weight = cv2.subtract(np.full_like(alpha, 255), alpha)
     # Weight at full resolution before shrinking, or subject colours leak in via mixed pixels.
     weighted = cv2.multiply(image, cv2.merge([weight, weight, weight]), dtype=cv2.CV_16U)
+    if foreground is not None and foreground is not image:
+        _take_out_subject(weighted, image, foreground, alpha)
     weighted = _shrink(weighted, small_w, small_h).astype(np.float32) * (1 / 255)
     weight_small = _shrink(weight, small_w, small_h).astype(np.float32) * (1 / 255)
     plain = _shrink(image, small_w, small_h).astype(np.float32)
@@ -114,10 +137,28 @@ def background_blur(image: np.ndarray, alpha: np.ndarray, sigma: float) -> np.nd
     return result
 
 
-def desaturate_background(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The subject in colour over a greyscale background (Rec.601 luma of the RGB pixels)."""
+def desaturate_background(
+    image: np.ndarray, alpha: np.ndarray, foreground: np.ndarray | None = None
+) -> np.ndarray:
+    """The subject (F, default the photo) in colour over a greyscale background (Rec.601 luma).
+
+    An edge pixel shows a·F + (1 − a)·grey(B). Grey is linear, so with (1 − a)·B = I − a·F
+    that is grey(I) + a·(F − grey(F)): the grey of the old background's share, not of the
+    whole pixel (which would keep a grey ghost of the subject's own edge).
+    """
     grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return blend(image, grey, alpha)
+    if foreground is None or foreground is image:
+        return blend(image, grey, alpha)
+    out = blend(foreground, grey, alpha)
+    band = _band(alpha)
+    if band.size:
+        weight = _take(alpha, band).astype(np.float32)[:, None] * (1 / 255)
+        colour = _take(foreground, band).astype(np.float32)
+        colour -= (colour @ _LUMA)[:, None]
+        colour *= weight
+        colour += _take(grey, band)
+        _put(out, band, np.clip(colour + 0.5, 0, 255).astype(np.uint8))
+    return out
 
 
 def _solid(width: int, height: int, colour: tuple[int, int, int]) -> np.ndarray:
@@ -130,3 +171,30 @@ def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if image.shape[1] == width and image.shape[0] == height:
         return image
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _take_out_subject(
+    weighted: np.ndarray, image: np.ndarray, foreground: np.ndarray, alpha: np.ndarray
+) -> None:
+    """In edge pixels, I·(255 − a) → 255·I − a·F: all that is left of the old background."""
+    band = _band(alpha)
+    if band.size == 0:
+        return
+    colour = _take(image, band).astype(np.int32) * 255
+    colour -= (
+        _take(foreground, band).astype(np.int32) * _take(alpha, band).astype(np.int32)[:, None]
+    )
+    _put(weighted, band, np.clip(colour, 0, 255 * 255).astype(np.uint16))
+
+
+def _band(alpha: np.ndarray) -> np.ndarray:
+    """Flat indices of the pixels of partial alpha."""
+    return np.flatnonzero(cv2.inRange(alpha, 1, 254))
+
+
+def _take(plane: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return np.take(plane.reshape(-1, *plane.shape[2:]), index, axis=0)
+
+
+def _put(plane: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    plane.reshape(-1, plane.shape[2])[index] = values

@@ -16,6 +16,7 @@ import numpy as np
 from producer.errors import NoSubject
 from producer.request import Effect, JobRequest
 from worker import composite
+from worker.foreground import estimate_foreground
 from worker.imageio import DecodedImage, encode_image, encode_mask
 from worker.refine import refine_mask
 
@@ -68,18 +69,23 @@ def foreground_fraction(alpha: np.ndarray) -> float:
 
 
 def apply_effect(
-    rgb: np.ndarray, alpha: np.ndarray, request: JobRequest, background: np.ndarray | None
+    rgb: np.ndarray,
+    foreground: np.ndarray,
+    alpha: np.ndarray,
+    request: JobRequest,
+    background: np.ndarray | None,
 ) -> np.ndarray:
+    """The effect's pixels: the subject drawn with its foreground colours over the new backdrop."""
     effect = Effect(request.effect)
     if effect is Effect.REMOVE:
         colour = None if request.transparent else composite.parse_colour(request.background or "")
-        return composite.remove_background(rgb, alpha, colour)
+        return composite.remove_background(foreground, alpha, colour)
     if effect is Effect.REPLACE:
         assert background is not None, "replace needs its background decoded first"
-        return composite.replace_background(rgb, alpha, background)
+        return composite.replace_background(foreground, alpha, background)
     if effect is Effect.BLUR:
-        return composite.blur_background(rgb, alpha, request.blur_strength)
-    return composite.desaturate_background(rgb, alpha)
+        return composite.blur_background(rgb, alpha, request.blur_strength, foreground)
+    return composite.desaturate_background(rgb, alpha, foreground)
 
 
 def render(
@@ -97,8 +103,12 @@ def render(
             f"no subject of the classes {request.classes or 'any'} found "
             f"({fraction:.2%} of the image is foreground)"
         )
+    # Every effect shows the subject over something new, so its edge needs the subject's own
+    # colours (free where the alpha is hard: the photo itself comes back).
+    with timings.stage("decontaminate"):
+        foreground = estimate_foreground(photo.rgb, alpha)
     with timings.stage("composite"):
-        pixels = apply_effect(photo.rgb, alpha, request, background)
+        pixels = apply_effect(photo.rgb, foreground, alpha, request, background)
     with timings.stage("encode"):
         image = encode_image(
             pixels, request.format, quality=request.jpeg_quality, icc_profile=photo.icc_profile
