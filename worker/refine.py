@@ -6,8 +6,9 @@ is. Everything below runs at a capped working resolution (WORKING_PIXELS):
   1. the free reference: the mask's 0.5 contour with a narrow linear ramp;
   2. in the mask's own transition band (cells neither ≈0 nor ≈1, not widened), each pixel's
      colour is compared with the sure subject and sure background colours around it (local
-     Gaussian models on the mask's grid); where the two differ clearly the colour moves the
-     edge, which is what rescues a mask that over- or under-reaches by a cell;
+     Gaussian models on the mask's grid); only where the two differ clearly may the colour
+     move the edge (a mask that over-reaches by a cell is pulled back only a little: looser
+     trust helped those cases and cost more on every other, see bench/refine_error.py);
   3. closed-form matting (worker/matting.py) in a narrow strip around that edge gives it the
      photo's own soft profile;
   4. a consistency check against the mask on its own 65-cell grid: cells where the matte
@@ -22,7 +23,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from worker.matting import Backend, NumpyBackend, inverse3, solve_matte
+from worker.matting import Backend, NumpyBackend, TorchBackend, inverse3, solve_matte
 
 WORKING_PIXELS = 300_000
 MASK_CELLS = 65  # DeepLabV3's logits along the long side: ceil(520 / 8)
@@ -42,7 +43,7 @@ STRIP_RADIUS = 2
 MATTING_RADIUS = 1
 MATTING_EPS = 1e-5
 PRIOR_WEIGHT = 0.02
-ITERATIONS = 15
+ITERATIONS = 10
 CHECK_TOLERANCE = 0.25
 CHECK_RAMP = 0.15
 UPSAMPLE_RADIUS = 1
@@ -54,8 +55,8 @@ def refine_mask(
 ) -> np.ndarray:
     """Full-resolution (H, W) uint8 alpha from a [0, 1] mask of any size and the (H, W, 3) photo.
 
-    backend runs the matting solve (default: numpy on this CPU; worker.matting.TorchBackend
-    runs it on a torch device).
+    backend runs the matting solve and the full-resolution pass (default: numpy and OpenCV on
+    this CPU; worker.matting.TorchBackend(device) runs them on a torch device).
     """
     height, width = guide.shape[:2]
     if soft.ndim != 2 or guide.ndim != 3 or guide.shape[2] != 3:
@@ -74,7 +75,10 @@ def refine_mask(
     coloured = np.where(band, colour_alpha(small_guide, mask, reference), reference)
     matte = matte_strip(small_guide, checked(coloured, mask, reference), backend)
     matte = checked(matte, mask, reference)
-    return _apply(_guided_coefficients(small_guide, matte), guide)
+    coeffs = _guided_coefficients(small_guide, matte)
+    if isinstance(backend, TorchBackend):
+        return _apply_on_device(coeffs, guide, backend)
+    return _apply(coeffs, guide)
 
 
 def working_size(width: int, height: int) -> tuple[int, int]:
@@ -209,6 +213,20 @@ def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
     q = cv2.multiply(np.ascontiguousarray(a), guide, dtype=cv2.CV_32F, scale=1 / 255)
     q = cv2.transform(q, np.ones((1, 3), np.float32)) + full[:, :, 3]
     return _to_bytes(q)
+
+
+def _apply_on_device(coeffs: np.ndarray, guide: np.ndarray, backend: TorchBackend) -> np.ndarray:
+    """_apply on the backend's device: the full-resolution pass is the costliest on a host."""
+    import torch
+    import torch.nn.functional as functional
+
+    height, width = guide.shape[:2]
+    small = backend.asarray(coeffs.transpose(2, 0, 1))[None]
+    # align_corners=False samples at pixel centres, as cv2.INTER_LINEAR does.
+    full = functional.interpolate(small, (height, width), mode="bilinear", align_corners=False)[0]
+    image = torch.from_numpy(guide).to(backend.device).permute(2, 0, 1).float() * (1 / 255)
+    q = (full[:3] * image).sum(0) + full[3]
+    return (q * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def _to_bytes(q: np.ndarray) -> np.ndarray:
