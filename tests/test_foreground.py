@@ -112,6 +112,21 @@ def test_the_answer_does_not_depend_on_how_the_band_is_tiled(photo_composite, mo
     assert np.abs(tiled.astype(int) - whole).max() <= 1
 
 
+@pytest.mark.parametrize("crop", [(slice(None), slice(None)), (slice(3, -2), slice(1, None))])
+def test_the_torch_path_agrees_with_the_opencv_path(photo_composite, crop) -> None:
+    # A GPU worker runs the torch path; it is checked here on the CPU. The odd-sized crop
+    # leaves rows and columns past the last whole shrink cell.
+    photo, alpha, truth = photo_composite
+    photo, alpha, truth = photo[crop], alpha[crop], truth[crop]
+    opencv = estimate_foreground(photo, alpha)
+    on_torch = estimate_foreground(photo, alpha, device="cpu")
+    hard = (alpha == 0) | (alpha == 255)
+    assert on_torch.shape == photo.shape and on_torch.dtype == np.uint8
+    assert np.array_equal(on_torch[hard], photo[hard])
+    assert np.abs(on_torch.astype(int) - opencv).max() <= 1
+    assert edge_error(on_torch, truth, alpha) < 0.6 * edge_error(photo, truth, alpha)
+
+
 def test_window_sizes_scale_with_the_photo_so_a_thumbnail_behaves_alike() -> None:
     coarse_small, fine_small = foreground.window_sizes(2000, 1500)
     coarse_large, fine_large = foreground.window_sizes(4000, 3000)

@@ -20,9 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# numpy arrays or torch tensors: the corrections are written once for both.
+Array = Any
 
 # Window widths as shares of the image diagonal, so a photo and its thumbnail behave alike.
 # Tuned on synthetic composites: wider first windows mix in colours from further away.
@@ -38,11 +45,14 @@ _REMAP_ROW = 1024
 _EPS = 1e-5
 
 
-def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def estimate_foreground(
+    image: np.ndarray, alpha: np.ndarray, *, device: torch.device | str | None = None
+) -> np.ndarray:
     """(H, W, 3) uint8 subject colours: the image's own where alpha is 0 or 255.
 
     Where alpha has no partial values the image itself is returned (not a copy), so callers
-    must not write into the result.
+    must not write into the result. With a torch device (a GPU worker's) the same estimate
+    runs there over the whole frame, leaving the host only the transfers.
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
@@ -51,6 +61,8 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     band = cv2.inRange(alpha, 1, 254)
     if cv2.countNonZero(band) == 0:
         return image
+    if device is not None:
+        return _estimate_on_device(image, alpha, device)
     height, width = alpha.shape
     coarse_window, fine_window = window_sizes(width, height)
     mosaic = _Mosaic.of(_band_tiles(band), fine_window // 2, height, width)
@@ -63,17 +75,72 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     colour = _take(tiles_image, points.index).astype(np.float32) * (1 / 255)
     weight = _take(tiles_alpha, points.index).astype(np.float32)[:, None] * (1 / 255)
     means = _sample(cv2.merge([mean_f, mean_b]), points.y, points.x, factor)
-    fg = _correct(colour, weight, means[:, :3].copy(), means[:, 3:].copy())
-    bg = _correct_background(colour, weight, fg, means[:, 3:].copy())
+    fg = _clip(_correct(colour, weight, means[:, :3].copy(), means[:, 3:]))
+    bg = _clip(_correct_background(colour, weight, fg, means[:, 3:].copy()))
     core = np.flatnonzero(points.core)
     near_f, near_b = _narrow_means(
         tiles_image, tiles_alpha, points.index, weight, fg, bg, points.index[core], fine_window
     )
-    fg = _correct(np.take(colour, core, axis=0), np.take(weight, core, axis=0), near_f, near_b)
+    fg = _clip(
+        _correct(np.take(colour, core, axis=0), np.take(weight, core, axis=0), near_f, near_b)
+    )
     out = image.copy()
     at = np.take(points.y, core) * width + np.take(points.x, core)
     _put(out, at, (fg * 255 + 0.5).astype(np.uint8))
     return out
+
+
+def _estimate_on_device(
+    image: np.ndarray, alpha: np.ndarray, device: torch.device | str
+) -> np.ndarray:
+    """The same two passes with torch over the whole frame (a GPU has area to spare)."""
+    import torch
+    import torch.nn.functional as functional
+
+    height, width = alpha.shape
+    coarse_window, fine_window = window_sizes(width, height)
+    factor = _shrink_factor(coarse_window)
+    pixels = torch.from_numpy(image).to(device).permute(2, 0, 1)[None]
+    alpha_t = torch.from_numpy(alpha).to(device)[None, None]
+    colour, weight = pixels.float() * (1 / 255), alpha_t.float() * (1 / 255)
+
+    def box(x: torch.Tensor, window: int) -> torch.Tensor:
+        half = window // 2
+        return functional.avg_pool2d(functional.pad(x, (half,) * 4, mode="replicate"), window, 1)
+
+    small_h, small_w = max(1, height // factor), max(1, width // factor)
+    crop_h, crop_w = min(height, small_h * factor), min(width, small_w * factor)
+
+    def shrink(x: torch.Tensor) -> torch.Tensor:
+        return functional.adaptive_avg_pool2d(x[..., :crop_h, :crop_w], (small_h, small_w))
+
+    def grow(x: torch.Tensor) -> torch.Tensor:
+        # Aligned as cv2.resize upsamples; rows past the last whole cell repeat the edge.
+        grown = functional.interpolate(
+            x,
+            scale_factor=factor,
+            mode="bilinear",
+            align_corners=False,
+            recompute_scale_factor=False,
+        )[..., :height, :width]
+        extra_h, extra_w = height - grown.shape[2], width - grown.shape[3]
+        return functional.pad(grown, (0, extra_w, 0, extra_h), mode="replicate")
+
+    small_weight, small_colour = shrink(weight), shrink(colour)
+    small_premultiplied = shrink(colour * weight)
+    window = _odd(coarse_window / factor)
+    mean_alpha = box(small_weight, window)
+    mean_f = grow(box(small_premultiplied, window) / (mean_alpha + _EPS))
+    mean_b = grow(box(small_colour - small_premultiplied, window) / (1 - mean_alpha + _EPS))
+    fg = _correct(colour, weight, mean_f, mean_b).clamp_(0, 1)
+    bg = _correct_background(colour, weight, fg, mean_b).clamp_(0, 1)
+    near_alpha = box(weight, fine_window)
+    near_f = box(fg * weight, fine_window) / (near_alpha + _EPS)
+    near_b = box(bg * (1 - weight), fine_window) / (1 - near_alpha + _EPS)
+    fg = _correct(colour, weight, near_f, near_b).clamp_(0, 1)
+    partial = (alpha_t > 0) & (alpha_t < 255)
+    out = torch.where(partial, (fg * 255 + 0.5).to(torch.uint8), pixels)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).cpu().numpy())
 
 
 def window_sizes(width: int, height: int) -> tuple[int, int]:
@@ -93,16 +160,18 @@ def _shrink_factor(coarse_window: int) -> int:
     return factor
 
 
+def _clip(values: np.ndarray) -> np.ndarray:
+    return np.clip(values, 0, 1, out=values)
+
+
 def _box(image: np.ndarray, window: int) -> np.ndarray:
     return cv2.blur(image, (window, window), borderType=cv2.BORDER_REPLICATE)
 
 
-def _correct(
-    colour: np.ndarray, weight: np.ndarray, mean_f: np.ndarray, mean_b: np.ndarray
-) -> np.ndarray:
+def _correct(colour: Array, weight: Array, mean_f: Array, mean_b: Array) -> Array:
     """F moved by a so that a·F + (1 − a)·B̄ reproduces the photo: F̄ + a·((I − B̄) − a·(F̄ − B̄)).
 
-    In place on the means (the callers' own temporaries): this runs on every band pixel.
+    In place on mean_f (the callers' own temporary), unclipped; numpy arrays or torch tensors.
     """
     residual = colour - mean_b
     shift = mean_f - mean_b
@@ -110,20 +179,18 @@ def _correct(
     residual -= shift
     residual *= weight
     mean_f += residual
-    return np.clip(mean_f, 0, 1, out=mean_f)
+    return mean_f
 
 
-def _correct_background(
-    colour: np.ndarray, weight: np.ndarray, fg: np.ndarray, mean_b: np.ndarray
-) -> np.ndarray:
-    """B moved by 1 − a, given F: B̄ + (1 − a)·((I − B̄) − a·(F − B̄)); in place on mean_b."""
+def _correct_background(colour: Array, weight: Array, fg: Array, mean_b: Array) -> Array:
+    """B moved by 1 − a, given F: B̄ + (1 − a)·((I − B̄) − a·(F − B̄)); in place, unclipped."""
     residual = colour - mean_b
     shift = fg - mean_b
     shift *= weight
     residual -= shift
     residual *= 1 - weight
     mean_b += residual
-    return np.clip(mean_b, 0, 1, out=mean_b)
+    return mean_b
 
 
 def _coarse_means(

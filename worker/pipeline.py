@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from worker import composite
 from worker.foreground import estimate_foreground
 from worker.imageio import DecodedImage, encode_image, encode_mask
 from worker.refine import refine_mask
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this share of confident foreground pixels the photo is judged to have no subject.
 NO_SUBJECT_FRACTION = 0.001
@@ -96,7 +100,10 @@ def render(
     *,
     background: np.ndarray | None = None,
     want_mask: bool = False,
+    device: torch.device | None = None,
 ) -> Rendered:
+    """Composite and encode. A GPU `device` (the segmenter's) also takes the colour estimate,
+    which on a CPU runs faster in OpenCV on the edge band alone."""
     fraction = foreground_fraction(alpha)
     if request.fail_on_no_subject and fraction < NO_SUBJECT_FRACTION:
         raise NoSubject(
@@ -106,7 +113,8 @@ def render(
     # Every effect shows the subject over something new, so its edge needs the subject's own
     # colours (free where the alpha is hard: the photo itself comes back).
     with timings.stage("decontaminate"):
-        foreground = estimate_foreground(photo.rgb, alpha)
+        on_device = device if device is not None and device.type != "cpu" else None
+        foreground = estimate_foreground(photo.rgb, alpha, device=on_device)
     with timings.stage("composite"):
         pixels = apply_effect(photo.rgb, foreground, alpha, request, background)
     with timings.stage("encode"):

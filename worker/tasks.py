@@ -169,6 +169,7 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         timings,
         background=background,
         want_mask=request.mask_output is not None,
+        device=segmenter.device,
     )
     jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
     with session_scope(settings.database_url) as session:
