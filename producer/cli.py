@@ -234,15 +234,23 @@ def format_table(records: list[dict[str, Any]]) -> str:
 @cli.command()
 @click.argument("job_id", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="retry every failed job")
+@click.option(
+    "--overwrite", is_flag=True, help="after output_exists: let the output replace the object"
+)
 @reports_errors
-def retry(job_id: str | None, all_failed: bool) -> None:
+def retry(job_id: str | None, all_failed: bool, overwrite: bool) -> None:
     """Requeue a failed job (or all of them)."""
     from producer.client import Client
 
     if bool(job_id) == all_failed:
         raise InvalidRequest("give a JOB_ID or --failed, not both")
+    if overwrite and all_failed:
+        raise InvalidRequest("--overwrite is for one JOB_ID: it lets that job replace objects")
     client = Client()
-    records = client.retry_failed() if all_failed else [client.retry(job_id or "")]
+    if all_failed:
+        records = client.retry_failed()
+    else:
+        records = [client.retry(job_id or "", overwrite=overwrite)]
     for record in records:
         click.echo(f"{record['id']} {record['status']}")
 

@@ -109,9 +109,10 @@ class Client:
             )
         return records, next_cursor
 
-    def retry(self, job_id: str) -> Record:
+    def retry(self, job_id: str, *, overwrite: bool = False) -> Record:
+        """failed → queued; `overwrite` lets its outputs replace objects it did not write."""
         with session_scope(self.settings.database_url) as session:
-            job = jobs.retry(session, job_id)
+            job = jobs.retry(session, job_id, overwrite=overwrite)
             record = job.to_record()
         broker.enqueue(self.celery, [(record["id"], record["queue"])])
         return record

@@ -160,8 +160,9 @@ def check_overwrite(job: Job, *, overwrite: bool, exists: Callable[[str], bool])
     for location, owned in ((job.output, job.owns_output), (job.mask_output, job.owns_mask)):
         if location and not owned and exists(location):
             raise OutputExists(
-                f"{location} already exists and was not written by this job; choose another "
-                "location, or resubmit with overwrite set to replace it"
+                f"{location} already exists and was not written by this job; retry the job "
+                "with overwrite to replace it (backdrop retry JOB_ID --overwrite), or submit "
+                "it with another output"
             )
 
 
@@ -424,8 +425,12 @@ def cancel(session: Session, job_id: str) -> Job:
     return get(session, job_id)
 
 
-def retry(session: Session, job_id: str) -> Job:
-    """failed → queued, with a fresh attempt budget."""
+def retry(session: Session, job_id: str, *, overwrite: bool = False) -> Job:
+    """failed → queued, with a fresh attempt budget; with `overwrite`, its outputs may now
+    replace objects it did not write (after an output_exists failure)."""
+    values: dict[str, Any] = {}
+    if overwrite:
+        values["params"] = {**get(session, job_id).params, "overwrite": True}
     if not _guarded(
         session,
         job_id,
@@ -437,6 +442,7 @@ def retry(session: Session, job_id: str) -> Job:
         started_at=None,
         finished_at=None,
         worker=None,
+        **values,
     ):
         job = get(session, job_id)
         raise InvalidTransition(f"job {job_id} is {job.status}; only failed jobs can be retried")
