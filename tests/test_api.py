@@ -300,6 +300,17 @@ def test_a_failed_job_is_retried_and_requeued_but_a_queued_one_is_409(
     assert redis_depth(settings, "interactive") == 1
 
 
+def test_a_retry_with_overwrite_lets_the_job_replace_what_it_did_not_write(
+    http: TestClient, settings: Settings, photo_root: Path
+) -> None:
+    record = submit(http, {"input": location(photo_root)})
+    run_to_end(settings, record["id"], error_code="output_exists")
+    response = http.post(f"/v1/jobs/{record['id']}/retry?overwrite=true", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "queued"
+    assert response.json()["params"]["overwrite"] is True
+
+
 def test_a_queued_job_is_canceled_but_a_running_one_is_409(
     http: TestClient, settings: Settings, photo_root: Path
 ) -> None:
