@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 from producer import broker, jobs
 from producer.db import session_scope
 from producer.errors import InputNotFound, InvalidRequest, InvalidTransition, PermanentError
+from producer.locations import canonical_prefix
 from producer.logs import job_context
 from producer.models import Backfill, BackfillStatus, Job, JobStatus
 from producer.request import JobRequest, Queue, parse_request
@@ -312,7 +313,8 @@ class Backfills:
             id=str(uuid.uuid4()),
             status=BackfillStatus.RUNNING.value,
             source=source,
-            output_prefix=output_prefix.rstrip("/"),
+            # Canonical, so its jobs' outputs compare with every other job's (no aliases).
+            output_prefix=canonical_prefix(output_prefix),
             options=template.params() | {"effect": template.effect},
             model=self.settings.model,
             max_in_flight=max_in_flight or self.settings.backfill_max_in_flight,

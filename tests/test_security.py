@@ -600,3 +600,22 @@ def test_a_listed_key_with_control_characters_fails_alone_and_forges_no_log_line
     lines = stack.logs().splitlines()
     assert not any(line.startswith(FORGED[:10]) for line in lines)
     assert not any("\x1b" in line for line in lines)
+
+
+def test_a_backfill_owns_its_outputs_under_their_canonical_names(embedded: Embedded) -> None:
+    from producer.backfill import Backfills
+
+    name = f"bf-{uuid.uuid4().hex[:6]}"
+    source = embedded.data / "inputs" / name
+    source.mkdir(parents=True)
+    (source / "photo.png").write_bytes(embedded.client.storage.read(embedded.photo))
+    engine = Backfills(embedded.settings, embedded.client.storage, embedded.client.celery)
+    created = engine.create(
+        source.as_uri() + "/", embedded.location(f"outputs//./{name}-out/"), {"effect": "blur"}
+    )
+    assert created["output_prefix"] == embedded.location(f"outputs/{name}-out")
+    assert engine.run(created["id"])["counts"]["succeeded"] == 1
+    with pytest.raises(InvalidRequest, match="already belongs to another job"):
+        embedded.client.submit(
+            input=embedded.photo, output=embedded.location(f"outputs/{name}-out/photo.png")
+        )
