@@ -19,6 +19,9 @@ from producer.settings import Settings, get_settings
 TASK_NAME = "backdrop.process_job"
 QUEUE_NAMES = [QueueName.INTERACTIVE.value, QueueName.BULK.value]
 PUBLISH_BATCH = 1000
+# A transient retry is published due at most this far ahead (workers refuse messages due
+# much later: worker/messages.py).
+MAX_RETRY_DELAY_S = 60.0
 
 
 class BrokerUnavailable(TransientError):

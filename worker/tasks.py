@@ -15,7 +15,7 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready
 
 from producer import jobs, metrics
-from producer.broker import TASK_NAME, get_celery
+from producer.broker import MAX_RETRY_DELAY_S, TASK_NAME, get_celery
 from producer.db import session_scope
 from producer.errors import (
     BackdropError,
@@ -32,6 +32,7 @@ from producer.models import Job
 from producer.request import Effect, JobRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.storage import Storage, content_type_for, get_storage
+from worker import messages
 from worker.batcher import Batcher
 from worker.imageio import decode_image, decode_mask
 from worker.pipeline import Timings, alpha_for, render
@@ -39,6 +40,7 @@ from worker.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 app = get_celery()
+messages.guard(app)
 
 _batcher: Batcher | None = None
 _batcher_lock = threading.Lock()
@@ -284,8 +286,8 @@ def _record(settings: Settings, write: Callable[[Any], bool]) -> bool:
 
 
 def backoff_seconds(retries: int) -> float:
-    """Exponential backoff with full jitter, capped at a minute."""
-    return random.uniform(0, min(60.0, 2.0 ** (retries + 1)))
+    """Exponential backoff with full jitter, capped at MAX_RETRY_DELAY_S."""
+    return random.uniform(0, min(MAX_RETRY_DELAY_S, 2.0 ** (retries + 1)))
 
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
