@@ -69,7 +69,8 @@ RUN pip install --no-deps . && rm -rf build ./*.egg-info
 # Not baked: BACKDROP_WEIGHTS is empty, so the torch hub cache or a verified download is used.
 ENV BACKDROP_MODEL=${BAKE_MODEL:-deeplabv3_resnet101} \
     BACKDROP_WEIGHTS=${BAKE_MODEL:+/opt/backdrop/weights/baked.pth} \
-    BACKDROP_WORKER_METRICS_PORT=9100
+    BACKDROP_WORKER_METRICS_PORT=9100 \
+    BACKDROP_WORKER_METRICS_HOST=0.0.0.0
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

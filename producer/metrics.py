@@ -57,10 +57,10 @@ WORKER_BATCH_SIZE = Histogram(
 WORKER_IN_FLIGHT = Gauge("backdrop_worker_jobs_in_flight", "Jobs this worker is running now")
 
 
-def start_worker_metrics_server(port: int) -> None:
-    """Serve the worker's metrics on 0.0.0.0:`port` from a daemon thread."""
-    start_http_server(port)
-    log.info("worker metrics on :%d/metrics", port)
+def start_worker_metrics_server(port: int, host: str = "127.0.0.1") -> None:
+    """Serve the worker's metrics on `host`:`port` from a daemon thread."""
+    start_http_server(port, addr=host)
+    log.info("worker metrics on %s:%d/metrics", host, port)
 
 
 def record_job(outcome: str, code: str | None, timings_ms: Mapping[str, float]) -> None:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     api_thumbnail_max_pixels: int = Field(default=25_000_000, ge=1)
     # Where a worker serves its Prometheus metrics; None: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Loopback unless set: the metrics server has no authentication. Containers set 0.0.0.0
+    # (their own network namespace) so Prometheus can scrape them.
+    worker_metrics_host: str = "127.0.0.1"
 
     # A backfill never has more than this many of its jobs queued or running at once.
     backfill_max_in_flight: int = Field(default=1000, ge=1)

@@ -94,6 +94,14 @@ def tune_memory(interval_s: float = TRIM_INTERVAL_S) -> None:
     threading.Thread(target=trim, name="backdrop-malloc-trim", daemon=True).start()
 
 
+def serve_metrics(settings: Settings) -> None:
+    """Start the Prometheus metrics server, if BACKDROP_WORKER_METRICS_PORT is set."""
+    if settings.worker_metrics_port:
+        from producer.metrics import start_worker_metrics_server
+
+        start_worker_metrics_server(settings.worker_metrics_port, settings.worker_metrics_host)
+
+
 def run_worker(
     settings: Settings, *, queues: Sequence[str], concurrency: int | None, loglevel: str
 ) -> None:
@@ -101,10 +109,7 @@ def run_worker(
     tune_memory()
     preflight(settings)
     tune_threads(settings)
-    if settings.worker_metrics_port:
-        from producer.metrics import start_worker_metrics_server
-
-        start_worker_metrics_server(settings.worker_metrics_port)
+    serve_metrics(settings)
     from worker.tasks import app
 
     app.worker_main(celery_argv(queues, concurrency or default_concurrency(settings), loglevel))
