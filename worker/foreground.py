@@ -34,7 +34,7 @@ Array = Any
 # Window widths as shares of the image diagonal, so a photo and its thumbnail behave alike.
 # Tuned on synthetic composites: wider first windows mix in colours from further away.
 COARSE_WINDOW_FRACTION = 0.02
-FINE_WINDOW_FRACTION = 0.003
+FINE_WINDOW_FRACTION = 0.002
 # The wide pass runs shrunk by a power of two that leaves its window at least this wide.
 COARSE_WORKING_WINDOW = 5
 # Side of the square tiles the narrow pass works on (a power of two: shrink cells nest in it).
@@ -360,20 +360,29 @@ class _Mosaic:
 
     def band_points(self, tiles_alpha: np.ndarray) -> _Points:
         index = np.flatnonzero(cv2.inRange(tiles_alpha, 1, 254))
-        mosaic_y, mosaic_x = np.divmod(index, self.columns * self.side)
-        tile = (mosaic_y // self.side) * self.columns + mosaic_x // self.side
-        offset_y, offset_x = mosaic_y % self.side - self.pad, mosaic_x % self.side - self.pad
-        y = self.origins[tile, 0] + offset_y
-        x = self.origins[tile, 1] + offset_x
-        core = (
-            (offset_y >= 0)
-            & (offset_y < TILE)
-            & (offset_x >= 0)
-            & (offset_x < TILE)
-            & (y < self.height)
-            & (x < self.width)
+        # Per mosaic pixel: its photo row and column, and whether it is in its tile's core;
+        # built by broadcasting over (tile row, row offset, tile column, column offset).
+        origins = np.zeros((self.rows * self.columns, 2), np.int32)
+        origins[: len(self.origins)] = self.origins
+        origins = origins.reshape(self.rows, 1, self.columns, 1, 2)
+        offsets = np.arange(-self.pad, TILE + self.pad, dtype=np.int32)
+        ys = origins[..., 0] + offsets[None, :, None, None]
+        xs = origins[..., 1] + offsets[None, None, None, :]
+        in_core = (offsets >= 0) & (offsets < TILE)
+        core = (in_core[None, :, None, None] & (ys < self.height)) & (
+            in_core[None, None, None, :] & (xs < self.width)
         )
-        return _Points(index, np.clip(y, 0, self.height - 1), np.clip(x, 0, self.width - 1), core)
+        shape = (self.rows, self.side, self.columns, self.side)
+
+        def at_points(plane: np.ndarray) -> np.ndarray:
+            return np.take(np.broadcast_to(plane, shape).reshape(-1), index)
+
+        return _Points(
+            index,
+            at_points(np.clip(ys, 0, self.height - 1)),
+            at_points(np.clip(xs, 0, self.width - 1)),
+            at_points(core),
+        )
 
     def paste_cell_means(
         self,
