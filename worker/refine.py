@@ -105,14 +105,14 @@ def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> 
     sure_bg = (mask <= BAND_LOW).astype(np.float32)
     mean_f, var_f, seen_f = _local_model(guide, sure_fg)
     mean_b, var_b, seen_b = _local_model(guide, sure_bg)
-    dist_f = np.square(guide - mean_f).sum(axis=2)
-    dist_b = np.square(guide - mean_b).sum(axis=2)
+    dist_f = _channel_sum(np.square(guide - mean_f))
+    dist_b = _channel_sum(np.square(guide - mean_b))
     # Isotropic Gaussian log-likelihood ratio plus the mask's own log-odds as the prior.
     ratio = dist_b / (2 * var_b) - dist_f / (2 * var_f) + 1.5 * np.log(var_b / var_f)
     odds = np.clip(mask, 1e-3, 1 - 1e-3)
     ratio += np.log(odds / (1 - odds))
     probability = 1 / (1 + np.exp(-np.clip(ratio, -30, 30)))
-    separation = np.square(mean_f - mean_b).sum(axis=2) / (var_f + var_b)
+    separation = _channel_sum(np.square(mean_f - mean_b)) / (var_f + var_b)
     trust = np.clip(separation / SEPARATION, 0.0, 1.0) * ((seen_f > 1e-3) & (seen_b > 1e-3))
     return reference + trust * (probability - reference)
 
@@ -124,10 +124,12 @@ def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...
     cells = (max(1, round(width * scale)), max(1, round(height * scale)))
     seen = cv2.resize(weight, cells, interpolation=cv2.INTER_AREA)
     first = cv2.resize(guide * weight[:, :, None], cells, interpolation=cv2.INTER_AREA)
-    second = cv2.resize(np.square(guide).sum(axis=2) * weight, cells, interpolation=cv2.INTER_AREA)
+    second = cv2.resize(
+        _channel_sum(np.square(guide)) * weight, cells, interpolation=cv2.INTER_AREA
+    )
     seen, first, second = (cv2.GaussianBlur(x, (0, 0), COLOUR_SIGMA) for x in (seen, first, second))
     mean = first / np.maximum(seen, 1e-6)[:, :, None]
-    var = np.maximum(second / np.maximum(seen, 1e-6) - np.square(mean).sum(axis=2), 0) / 3
+    var = np.maximum(second / np.maximum(seen, 1e-6) - _channel_sum(np.square(mean)), 0) / 3
     var += COLOUR_NOISE
 
     def up(x: np.ndarray) -> np.ndarray:
@@ -204,7 +206,7 @@ def _guided_coefficients(guide: np.ndarray, matte: np.ndarray) -> np.ndarray:
         [s[0] * r0 + s[1] * r1 + s[2] * r2, s[1] * r0 + s[3] * r1 + s[4] * r2,
          s[2] * r0 + s[4] * r1 + s[5] * r2], axis=2,
     )  # fmt: skip
-    b = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
+    b = mean_p - _channel_sum(a * mean_i)
     return _box(np.concatenate([a, b[:, :, None]], axis=2), radius)
 
 
@@ -230,6 +232,11 @@ def _apply_on_device(coeffs: np.ndarray, guide: np.ndarray, backend: TorchBacken
     image = torch.from_numpy(guide).to(backend.device).permute(2, 0, 1).float() * (1 / 255)
     q = (full[:3] * image).sum(0) + full[3]
     return (q * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _channel_sum(x: np.ndarray) -> np.ndarray:
+    """x[..., 0] + x[..., 1] + x[..., 2]; numpy's sum over a last axis of 3 is ~10x slower."""
+    return cv2.transform(np.ascontiguousarray(x, dtype=np.float32), np.ones((1, 3), np.float32))
 
 
 def _to_bytes(q: np.ndarray) -> np.ndarray:
