@@ -3,12 +3,13 @@
 The matting Laplacian L says "inside every small window, alpha is an affine function of the
 colour". He, Sun & Tang ("Fast Matting Using Large Kernel Matting Laplacian Matrices", 2010)
 showed that L·p needs only box filters and a 3x3 solve per pixel, so conjugate gradients can
-minimise αᵀLα + λ·Σ c(α − prior)² over the unknown pixels with memory linear in the image
+minimise αᵀLα + λ·|α − prior|² over the unknown pixels with memory linear in the image
 and no sparse system at all. Box filters and elementwise arithmetic are all it takes, so the
 same code runs on numpy arrays (OpenCV's box filter) and on torch tensors (on the worker's
 device): `Backend` is the only difference between the two.
 
-Arrays are channel-first: a guide is (3, H, W) float32 in 0..1, a matte (H, W).
+Arrays are channel-first: a guide is (3, H, W) in 0..1, a matte (H, W); float32 throughout
+except the windows' colour statistics (float64, see Laplacian.of).
 """
 
 from __future__ import annotations
