@@ -142,23 +142,20 @@ def desaturate_background(
 ) -> np.ndarray:
     """The subject (F, default the photo) in colour over a greyscale background (Rec.601 luma).
 
-    An edge pixel shows a·F + (1 − a)·grey(B). Grey is linear, so with (1 − a)·B = I − a·F
-    that is grey(I) + a·(F − grey(F)): the grey of the old background's share, not of the
-    whole pixel (which would keep a grey ghost of the subject's own edge).
+    An edge pixel shows a·F + (1 − a)·grey(B), where (1 − a)·B = I − a·F is the old
+    background's share of it; grey is linear, so grey(B) = (grey(I) − a·grey(F)) / (1 − a).
+    Greying the whole pixel instead would keep a grey ghost of the subject's own edge.
     """
-    grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    if foreground is None or foreground is image:
-        return blend(image, grey, alpha)
-    out = blend(foreground, grey, alpha)
-    band = _band(alpha)
-    if band.size:
-        weight = _take(alpha, band).astype(np.float32)[:, None] * (1 / 255)
-        colour = _take(foreground, band).astype(np.float32)
-        colour -= (colour @ _LUMA)[:, None]
-        colour *= weight
-        colour += _take(grey, band)
-        _put(out, band, np.clip(colour + 0.5, 0, 255).astype(np.uint8))
-    return out
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if foreground is not None and foreground is not image:
+        band = _band(alpha)
+        if band.size:
+            weight = _take(alpha, band).astype(np.float32) * (1 / 255)
+            subject_grey = _take(foreground, band).astype(np.float32) @ _LUMA
+            background_grey = (_take(grey, band) - weight * subject_grey) / (1 - weight)
+            grey.reshape(-1)[band] = np.clip(background_grey + 0.5, 0, 255).astype(np.uint8)
+    colour = image if foreground is None else foreground
+    return blend(colour, cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), alpha)
 
 
 def _solid(width: int, height: int, colour: tuple[int, int, int]) -> np.ndarray:
@@ -189,7 +186,12 @@ def _take_out_subject(
 
 def _band(alpha: np.ndarray) -> np.ndarray:
     """Flat indices of the pixels of partial alpha."""
-    return np.flatnonzero(cv2.inRange(alpha, 1, 254))
+    return _flat_indices(cv2.inRange(alpha, 1, 254))
+
+
+def _flat_indices(mask: np.ndarray) -> np.ndarray:
+    # numpy finds the nonzero entries of a bool array several times faster than of uint8.
+    return np.flatnonzero(np.bitwise_and(mask, 1, out=mask).view(bool))
 
 
 def _take(plane: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -197,4 +199,7 @@ def _take(plane: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def _put(plane: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
-    plane.reshape(-1, plane.shape[2])[index] = values
+    # Each pixel viewed as one opaque item: numpy's row-wise fancy assignment is ~2x slower.
+    item = np.dtype((np.void, plane.shape[2] * plane.itemsize))
+    pixels = plane.reshape(-1, plane.shape[2]).view(item).reshape(-1)
+    pixels[index] = np.ascontiguousarray(values, plane.dtype).view(item).reshape(-1)

@@ -359,7 +359,9 @@ class _Mosaic:
         return mosaic
 
     def band_points(self, tiles_alpha: np.ndarray) -> _Points:
-        index = np.flatnonzero(cv2.inRange(tiles_alpha, 1, 254))
+        band = cv2.inRange(tiles_alpha, 1, 254)
+        # numpy finds the nonzero entries of a bool array several times faster than of uint8.
+        index = np.flatnonzero(np.bitwise_and(band, 1, out=band).view(bool))
         # Per mosaic pixel: its photo row and column, and whether it is in its tile's core;
         # built by broadcasting over (tile row, row offset, tile column, column offset).
         origins = np.zeros((self.rows * self.columns, 2), np.int32)
