@@ -99,8 +99,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 # --- polling, Redis, model weights ------------------------------------------------------
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
-
 
 def poll_until(condition: Callable[[], object], *, timeout: float, what: str) -> None:
     """Wait for a condition with a deadline (never a bare sleep as synchronisation)."""
@@ -114,17 +112,89 @@ def poll_until(condition: Callable[[], object], *, timeout: float, what: str) ->
 
 
 def redis_url_for_tests() -> str:
-    """A Redis database of its own for the tests, emptied first."""
+    """This test session's own Redis (see _session_redis_url), emptied first."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=3)
+    url = _session_redis_url()
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         client.flushdb()
         available = True
     except redis.RedisError:
         available = False
-    require_service("Redis", available, REDIS_TEST_URL)
-    return REDIS_TEST_URL
+    require_service("Redis", available, url)
+    return url
+
+
+def _session_redis_url() -> str:
+    """A redis-server of this test session's own, on a free port, started on first use and
+    stopped when the session ends: two sessions on one machine (two CI runs on one host)
+    never see each other's messages, and flushing it can touch nobody else's data.
+
+    Kept in the environment under this process's id because this file is imported twice
+    (as pytest's `conftest` and as `tests.conftest`); a child process never inherits it."""
+    key = f"BACKDROP_TEST_REDIS_URL_{os.getpid()}"
+    if key not in os.environ:
+        os.environ[key] = _start_session_redis()
+    return os.environ[key]
+
+
+def _start_session_redis() -> str:
+    import atexit
+    import shutil
+    import subprocess
+    import tempfile
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    if shutil.which("redis-server") is None:
+        return url  # nothing answers there: require_service reports it
+    folder = tempfile.mkdtemp(prefix="backdrop-test-redis-")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", folder,
+         "--save", "", "--appendonly", "no", "--logfile", f"{folder}/redis.log"],
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
+
+    def stop() -> None:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    poll_until(
+        lambda: server.poll() is not None or _answers_redis(url),
+        timeout=20,
+        what=f"the session's Redis at {url}",
+    )
+    return url  # if it exited at start, nothing answers there: require_service reports it
+
+
+def _answers_redis(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even killed (atexit
+    does not run then), so no server outlives its session."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def __getattr__(name: str) -> str:
+    # REDIS_TEST_URL resolves on first import of the name, so a session that never needs
+    # Redis never starts one.
+    if name == "REDIS_TEST_URL":
+        return _session_redis_url()
+    raise AttributeError(name)
 
 
 @pytest.fixture(scope="session")

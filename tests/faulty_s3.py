@@ -3,9 +3,12 @@
 It forwards every request to the upstream S3 server and can, on command,
 - answer 503 ServiceUnavailable (an S3 error document) to the next N requests or for a
   while, optionally only for paths containing a marker;
-- hold requests whose path contains a marker until released (a job stuck mid-download,
-  so a test can kill its worker at a known moment);
-- count what it saw, per method and path (how many times each output was written).
+- hold requests whose path contains a marker until released (a job stuck mid-download or
+  mid-upload, so a test can kill its worker at a known moment). A held request whose client
+  died meanwhile is dropped on release, never forwarded: it was still on its way, so the
+  store never received it;
+- count what it saw, per method and path, and the PUTs the store acknowledged (how many
+  times each output was really written).
 
 boto3 in a worker subprocess therefore sees real 5xx over HTTP; nothing is patched.
 The test process controls the proxy directly (it runs on threads there).
@@ -14,6 +17,8 @@ The test process controls the proxy directly (it runs on threads there).
 from __future__ import annotations
 
 import http.client
+import select
+import socket
 import threading
 import time
 from collections import Counter
@@ -36,10 +41,16 @@ class FaultyS3:
         self._fail_until = 0.0
         self._fail_match = ""
         self._held_match: str | None = None
+        self._held_method: str | None = None
+        self._held_left: int | None = None
         self._release = threading.Event()
         self.failed = 0
         self.requests: Counter[tuple[str, str]] = Counter()
-        self.waiting: Counter[str] = Counter()
+        # PUTs the upstream store answered 2xx: objects written, per path.
+        self.stored: Counter[str] = Counter()
+        # Requests held now, per path; held requests dropped because their client died.
+        self.held: Counter[str] = Counter()
+        self.dropped: Counter[tuple[str, str]] = Counter()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,11 +91,14 @@ class FaultyS3:
     def heal(self) -> None:
         self.fail()
 
-    def hold(self, match: str) -> None:
-        """Stall requests whose path contains `match` until release()."""
+    def hold(self, match: str, *, method: str | None = None, count: int | None = None) -> None:
+        """Stall requests whose path contains `match` (and of `method`, if given) until
+        release(): every one, or only the next `count` of them."""
         with self._lock:
             self._release.clear()
             self._held_match = match
+            self._held_method = method
+            self._held_left = count
 
     def release(self) -> None:
         with self._lock:
@@ -94,6 +108,16 @@ class FaultyS3:
     def count(self, method: str, path_part: str) -> int:
         with self._lock:
             return sum(n for (m, p), n in self.requests.items() if m == method and path_part in p)
+
+    def writes(self, path_part: str) -> Counter[str]:
+        """Objects written (PUTs the store acknowledged) per path containing `path_part`."""
+        with self._lock:
+            return Counter({p: n for p, n in self.stored.items() if path_part in p})
+
+    def holding(self, path_part: str = "") -> list[str]:
+        """The paths of the requests held now (one entry per request)."""
+        with self._lock:
+            return [p for p, n in self.held.items() if path_part in p for _ in range(n)]
 
     def close(self) -> None:
         self.release()
@@ -115,17 +139,40 @@ class FaultyS3:
                 return True
             return False
 
+    def _take_hold(self, method: str, path: str) -> bool:
+        with self._lock:
+            if self._held_match is None or self._held_match not in path:
+                return False
+            if self._held_method is not None and method != self._held_method:
+                return False
+            if self._held_left is not None:
+                if self._held_left == 0:
+                    return False
+                self._held_left -= 1
+            self.held[path.split("?", 1)[0]] += 1
+            return True
+
+    def _wait_held(self, path: str) -> None:
+        self._release.wait(timeout=120)
+        with self._lock:
+            self.held[path] -= 1
+            if not self.held[path]:
+                del self.held[path]
+
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
+        key = path.split("?", 1)[0]
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         with self._lock:
-            self.requests[(method, path.split("?", 1)[0])] += 1
-            held = self._held_match is not None and self._held_match in path
-            if held:
-                self.waiting[path] += 1
-        if held:
-            self._release.wait(timeout=120)
+            self.requests[(method, key)] += 1
+        if self._take_hold(method, path):
+            self._wait_held(key)
+            if _client_gone(handler.connection):
+                with self._lock:
+                    self.dropped[(method, key)] += 1
+                handler.close_connection = True
+                return
         if self._should_fail(path):
             self._reply(handler, 503, {"Content-Type": "application/xml"}, _UNAVAILABLE)
             return
@@ -135,6 +182,9 @@ class FaultyS3:
             upstream.request(method, path, body=body or None, headers=headers)
             response = upstream.getresponse()
             data = response.read()
+            if method == "PUT" and 200 <= response.status < 300:
+                with self._lock:
+                    self.stored[key] += 1
             reply_headers = {k: v for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP}
             self._reply(handler, response.status, reply_headers, data, head=method == "HEAD")
         finally:
@@ -158,3 +208,15 @@ class FaultyS3:
         handler.end_headers()
         if not head:
             handler.wfile.write(body)
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client hung up: a client waiting for its answer sends nothing more, so a
+    readable socket here means end of stream (or a reset)."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

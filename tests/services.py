@@ -1,8 +1,12 @@
 """Real servers the reliability tests own: started on their own ports and data folders,
 stopped and restarted by their process ids (never the shared servers at :5432 and :6379).
 
-- RedisServer: redis-server with its append-only file on, as the compose file runs it.
-- PostgresServer: a PostgreSQL 15 cluster of its own, run as the `postgres` user.
+- RedisServer: redis-server with its append-only file on and fsynced every second, as the
+  compose file runs it; stopped cleanly (SIGTERM) or crashed (SIGKILL, and the writes of the
+  last second dropped, as a host crash would).
+- PostgresServer: a PostgreSQL 15 cluster of its own with fsync on, run as the `postgres`
+  user; stopped cleanly (fast shutdown) or crashed (SIGKILL to the postmaster: crash recovery
+  at the next start).
 - WorkerProcess: a real `backdrop worker` (Celery) subprocess that can be SIGKILLed.
 """
 
@@ -40,12 +44,17 @@ def _accepts(port: int) -> bool:
 
 
 class RedisServer:
-    """A dedicated redis-server with `appendonly yes`: a restart keeps every queued message."""
+    """A dedicated redis-server with `appendonly yes` and `appendfsync everysec`, as deployed:
+    a clean restart keeps every queued message, a crash may lose the last second of writes.
+    `persistent=False`: no append-only file (a scratch broker for a test session)."""
 
-    def __init__(self, folder: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, password: str | None = None, persistent: bool = True
+    ) -> None:
         self.folder = folder
         self.port = free_port()
         self.password = password
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "redis.log"
 
@@ -60,9 +69,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.folder),
-            "--appendonly", "yes",
-            # Every write on disk before the reply: a restart may not lose an acknowledged one.
-            "--appendfsync", "always",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "everysec",
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path),
@@ -92,9 +100,35 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def append_only_size(self) -> int:
+        """Bytes in the append-only file's live increment (what a crash may cut back to)."""
+        return self._increment().stat().st_size
+
+    def crash(self, *, keep_bytes: int | None = None) -> None:
+        """SIGKILL by pid, then cut the append-only increment back to `keep_bytes`.
+
+        A killed process leaves its writes in the page cache, where they survive; a host
+        crash loses what was not yet fsynced, up to a second with `everysec`. Cutting the
+        file back to a size it had a moment before the kill plays that loss: messages
+        published and taken in that moment are gone, or come back."""
+        assert self.process is not None and self.process.poll() is None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None
+        if keep_bytes is not None:
+            with self._increment().open("r+b") as increment:
+                increment.truncate(keep_bytes)
+
+    def _increment(self) -> Path:
+        folder = self.folder / "appendonlydir"
+        manifest = (folder / "appendonly.aof.manifest").read_text().splitlines()
+        increments = [line.split()[1] for line in manifest if line.split()[-1] == "i"]
+        return folder / increments[-1]
+
 
 class PostgresServer:
-    """A PostgreSQL cluster of its own (initdb, postgres) run as the `postgres` user."""
+    """A PostgreSQL cluster of its own (initdb, postgres) run as the `postgres` user, with
+    fsync on (the default): a crash must be recovered from the write-ahead log."""
 
     def __init__(self) -> None:
         # Not under pytest's tmp_path: its parents are private to root, and postgres must
@@ -105,6 +139,7 @@ class PostgresServer:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.folder / "postgres.log"
+        self._started_at_byte = 0
         self._as_postgres(
             [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"]
         )
@@ -125,10 +160,10 @@ class PostgresServer:
             "-p", str(self.port),
             "-k", str(self.folder),
             "-c", "listen_addresses=127.0.0.1",
-            "-c", "fsync=off",
             "-c", "max_connections=200",
         ]  # fmt: skip
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._started_at_byte = os.fstat(log).st_size
         try:
             self.process = subprocess.Popen(
                 argv, user="postgres", group="postgres", stdout=log, stderr=log, cwd="/"
@@ -169,18 +204,50 @@ class PostgresServer:
         self.stop()
         self.start()
 
+    def crash(self) -> None:
+        """SIGKILL to the postmaster by pid: no shutdown checkpoint, so the next start runs
+        crash recovery. Its backends notice their postmaster is gone and exit by themselves;
+        a new postmaster may start only once they have (they still hold shared memory)."""
+        assert self.process is not None and self.process.poll() is None
+        children = _children(self.process.pid)
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None
+        poll_until(
+            lambda: not any(map(_running, children)),
+            timeout=60,
+            what="the killed postmaster's backends to exit",
+        )
+
+    def recovered_from_crash(self) -> bool:
+        """Whether the last start replayed the write-ahead log after a crash."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._started_at_byte)
+            return b"automatic recovery in progress" in log.read()
+
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class WorkerProcess:
-    """A real `backdrop worker` subprocess; its Celery process id is also its job owner id."""
+    """A real `backdrop worker` subprocess; its Celery process id is also its job owner id.
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int = 4) -> None:
+    `module`: what runs `backdrop worker` (tests.model_gate runs it with a gate in front of
+    the model)."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        concurrency: int = 4,
+        module: str = "producer.cli",
+    ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
+        self.module = module
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -199,7 +266,7 @@ class WorkerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "producer.cli",
+                    self.module,
                     "worker",
                     "--concurrency",
                     str(self.concurrency),
@@ -233,12 +300,39 @@ class WorkerProcess:
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: Celery's warm shutdown begins."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGTERM)
+
     def stop(self) -> None:
         if self.alive:
+            self.terminate()
             assert self.process is not None
-            os.kill(self.process.pid, signal.SIGTERM)
             _wait_for_exit(self.process, timeout=60)
 
 
 def accepts_connections(port: int) -> bool:
     return _accepts(port)
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, parent, ...); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(entry.name)
+        if fields is not None and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")

@@ -1,8 +1,9 @@
 """A whole Backdrop deployment for end-to-end tests: dedicated PostgreSQL and Redis servers,
-the S3 test endpoint behind the fault-injecting proxy, real worker processes, and a client.
+the S3 test endpoint behind the fault-injecting proxy (every request of the workers goes
+through it), real worker processes, and a client.
 
 Tests read outcomes from where they live: the database (job records) and storage (the
-objects the proxy saw written).
+objects the proxy saw written, PUT by PUT).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from producer.settings import Settings
 from producer.storage import Storage
 from tests.conftest import S3_TEST_CREDENTIALS, poll_until
 from tests.faulty_s3 import FaultyS3
+from tests.model_gate import GATE_ENV, ModelGate
 from tests.services import PostgresServer, RedisServer, WorkerProcess
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 # Small settings so that crashes and outages play out in seconds.
 LEASE_S = 3
@@ -52,15 +56,21 @@ class Stack:
     bucket: str
     redis: RedisServer
     postgres: PostgresServer
+    # When set, workers run with a gate inside the model (tests.model_gate), open by default.
+    gate: ModelGate | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
 
     # --- workers -------------------------------------------------------------------------
 
-    def start_workers(self, count: int, **env: str) -> list[WorkerProcess]:
+    def start_workers(self, count: int, *, concurrency: int = 4, **env: str) -> list[WorkerProcess]:
+        module = "tests.model_gate" if self.gate else "producer.cli"
         started = []
         for _ in range(count):
             log_path = self.folder / f"worker-{uuid.uuid4().hex[:6]}.log"
-            started.append(WorkerProcess({**self.env, **env}, log_path).start())
+            worker = WorkerProcess(
+                {**self.env, **env}, log_path, concurrency=concurrency, module=module
+            )
+            started.append(worker.start())
         with ThreadPoolExecutor(len(started) or 1) as pool:
             list(pool.map(lambda worker: worker.wait_ready(), started))
         self.workers.extend(started)
@@ -76,8 +86,27 @@ class Stack:
     def worker_named(self, name: str | None) -> WorkerProcess | None:
         return next((w for w in self.workers if w.alive and w.name == name), None)
 
+    def stop_workers(self) -> None:
+        """Warm shutdown of every worker (SIGTERM, each waited for)."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
     def logs(self) -> str:
         return "\n".join(path.read_text(errors="replace") for path in self.folder.glob("*.log"))
+
+    def log_sizes(self) -> dict[Path, int]:
+        """A mark in every log, for logs_since."""
+        return {path: path.stat().st_size for path in self.folder.glob("*.log")}
+
+    def logs_since(self, sizes: Mapping[Path, int]) -> str:
+        """What the logs (workers', Redis's) gained since `sizes` was taken."""
+        gained = []
+        for path in self.folder.glob("*.log"):
+            with path.open("rb") as log_file:
+                log_file.seek(sizes.get(path, 0))
+                gained.append(log_file.read().decode(errors="replace"))
+        return "\n".join(gained)
 
     # --- inputs and outcomes -------------------------------------------------------------
 
@@ -122,8 +151,13 @@ class Stack:
         return "/" + location.removeprefix("s3://")
 
     def writes_of(self, location: str) -> int:
-        """How many times the workers wrote this object (PUTs through the proxy)."""
-        return self.proxy.count("PUT", self.key_of(location))
+        """How many times the workers wrote this object: PUTs the store acknowledged."""
+        key = self.key_of(location)
+        return self.proxy.writes(key).get(key, 0)
+
+    def job_of_path(self, records: Mapping[str, Mapping[str, Any]], path: str) -> str:
+        """The job whose output is at this proxy path."""
+        return next(job_id for job_id, r in records.items() if self.key_of(r["output"]) == path)
 
     def close(self) -> None:
         for worker in self.workers:
@@ -141,8 +175,11 @@ def build_stack(
     *,
     redis_password: str | None = None,
     db_password: str | None = None,
+    model_gate: bool = False,
     **extra_env: str,
 ) -> Stack:
+    """`model_gate`: workers with a gate inside the model (closed by a test to hold a batch
+    there); `extra_env`: more worker environment."""
     import boto3
 
     postgres = PostgresServer()
@@ -188,6 +225,10 @@ def build_stack(
         "OMP_NUM_THREADS": "1",
         **extra_env,
     }
+    gate = None
+    if model_gate:
+        gate = ModelGate(folder / "model-gate")
+        env |= {GATE_ENV: str(gate.folder), "PYTHONPATH": str(REPOSITORY)}
     settings = Settings(
         **{
             key.removeprefix("BACKDROP_").lower(): value
@@ -208,4 +249,5 @@ def build_stack(
         bucket=bucket,
         redis=redis,
         postgres=postgres,
+        gate=gate,
     )
