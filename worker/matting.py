@@ -128,6 +128,21 @@ class Laplacian:
 
     def __call__(self, p: Array) -> Array:
         box, radius = self.backend.box_sum, self.radius
+        a, b = self._fit(p)
+        return self.count * p - ((box(a, radius) * self.guide).sum(0) + box(b, radius))
+
+    def linear_model(self, p: Array) -> Array:
+        """(4, H, W): the window-averaged (a_r, a_g, a_b, b) with p ≈ a · I + b around each
+        pixel, which is the guided filter's model of p (He, Sun & Tang, "Guided Image
+        Filtering"); evaluated on an upsampled guide it carries p to a higher resolution."""
+        box, radius = self.backend.box_sum, self.radius
+        a, b = self._fit(p)
+        a = box(a, radius) / self.count
+        return self.backend.stack([a[0], a[1], a[2], box(b, radius) / self.count])
+
+    def _fit(self, p: Array) -> tuple[Array, Array]:
+        """Each window's least-squares (a, b) for p ≈ a · I + b, regularised by eps."""
+        box, radius = self.backend.box_sum, self.radius
         mean_p = box(p, radius) / self.count
         cov_ip = box(self.guide * p, radius) / self.count - self.mean * mean_p
         i00, i01, i02, i11, i12, i22 = self.inverse
@@ -136,8 +151,7 @@ class Laplacian:
             [i00 * c0 + i01 * c1 + i02 * c2, i01 * c0 + i11 * c1 + i12 * c2,
              i02 * c0 + i12 * c1 + i22 * c2]
         )  # fmt: skip
-        b = mean_p - (a * self.mean).sum(0)
-        return self.count * p - ((box(a, radius) * self.guide).sum(0) + box(b, radius))
+        return a, mean_p - (a * self.mean).sum(0)
 
 
 def inverse3(cov: dict[tuple[int, int], Array]) -> list[Array]:

@@ -20,10 +20,12 @@ is. Everything below runs at a capped working resolution (WORKING_PIXELS):
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
-from worker.matting import Backend, NumpyBackend, TorchBackend, inverse3, solve_matte
+from worker.matting import Backend, Laplacian, NumpyBackend, TorchBackend, solve_matte
 
 WORKING_PIXELS = 300_000
 MASK_CELLS = 65  # DeepLabV3's logits along the long side: ceil(520 / 8)
@@ -76,12 +78,15 @@ def refine_mask(
     reference = reference_alpha(mask)
     band = (mask > BAND_LOW) & (mask < BAND_HIGH)
     coloured = np.where(band, colour_alpha(small_guide, mask, reference), reference)
-    matte = matte_strip(small_guide, checked(coloured, mask, reference), backend)
+    backend = backend or NumpyBackend()
+    channels = np.ascontiguousarray(small_guide.transpose(2, 0, 1))
+    matte = matte_strip(channels, checked(coloured, mask, reference), backend)
     matte = checked(matte, mask, reference)
-    coeffs = _guided_coefficients(small_guide, matte)
+    upsampler = Laplacian.of(channels, UPSAMPLE_RADIUS, UPSAMPLE_EPS, backend)
+    model = upsampler.linear_model(backend.asarray(matte))
     if isinstance(backend, TorchBackend):
-        return _apply_on_device(coeffs, guide, backend)
-    return _apply(coeffs, guide)
+        return _apply_on_device(model, guide, backend)
+    return _apply(np.ascontiguousarray(model.transpose(1, 2, 0)), guide)
 
 
 def working_size(width: int, height: int) -> tuple[int, int]:
@@ -138,8 +143,11 @@ def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...
     return up(mean), up(var), up(seen)
 
 
-def matte_strip(guide: np.ndarray, alpha: np.ndarray, backend: Backend | None) -> np.ndarray:
-    """Closed-form matting in a strip around alpha's 0.5 contour; outside it alpha is 0 or 1."""
+def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np.ndarray:
+    """Closed-form matting in a strip around alpha's 0.5 contour; outside it alpha is 0 or 1.
+
+    channels is the working guide, channel-first (3, h, w) in 0..1.
+    """
     inside = (alpha > 0.5).astype(np.uint8)
     size = 2 * STRIP_RADIUS + 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
@@ -149,8 +157,8 @@ def matte_strip(guide: np.ndarray, alpha: np.ndarray, backend: Backend | None) -
     prior = np.where(strip, alpha, inside).astype(np.float32)
     known = (~strip).astype(np.float32)
     matte = solve_matte(
-        backend or NumpyBackend(),
-        np.ascontiguousarray(guide.transpose(2, 0, 1)),
+        backend,
+        channels,
         known,
         prior,
         radius=MATTING_RADIUS,
@@ -182,34 +190,6 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def _box(image: np.ndarray, radius: int) -> np.ndarray:
-    size = 2 * radius + 1
-    return cv2.boxFilter(image, cv2.CV_32F, (size, size), borderType=cv2.BORDER_REFLECT)
-
-
-def _guided_coefficients(guide: np.ndarray, matte: np.ndarray) -> np.ndarray:
-    """Per-pixel (a_r, a_g, a_b, b), window-averaged, so that matte ≈ a · guide + b."""
-    radius = UPSAMPLE_RADIUS
-    mean_i = _box(guide, radius)
-    mean_p = _box(matte, radius)
-    cov_ip = _box(guide * matte[:, :, None], radius) - mean_i * mean_p[:, :, None]
-    channels = [guide[:, :, c] for c in range(3)]
-    means = [mean_i[:, :, c] for c in range(3)]
-    var = {}
-    for i in range(3):
-        for j in range(i, 3):
-            var[i, j] = _box(channels[i] * channels[j], radius) - means[i] * means[j]
-        var[i, i] += UPSAMPLE_EPS
-    s = inverse3(var)
-    r0, r1, r2 = cov_ip[:, :, 0], cov_ip[:, :, 1], cov_ip[:, :, 2]
-    a = np.stack(
-        [s[0] * r0 + s[1] * r1 + s[2] * r2, s[1] * r0 + s[3] * r1 + s[4] * r2,
-         s[2] * r0 + s[4] * r1 + s[5] * r2], axis=2,
-    )  # fmt: skip
-    b = mean_p - _channel_sum(a * mean_i)
-    return _box(np.concatenate([a, b[:, :, None]], axis=2), radius)
-
-
 def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
     """alpha = a · I + b at full resolution, with a and b upsampled bilinearly."""
     height, width = guide.shape[:2]
@@ -220,13 +200,14 @@ def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
     return _to_bytes(q)
 
 
-def _apply_on_device(coeffs: np.ndarray, guide: np.ndarray, backend: TorchBackend) -> np.ndarray:
-    """_apply on the backend's device: the full-resolution pass is the costliest on a host."""
+def _apply_on_device(model: Any, guide: np.ndarray, backend: TorchBackend) -> np.ndarray:
+    """_apply on the backend's device, model a (4, h, w) tensor there already: the
+    full-resolution pass is the costliest part on a host."""
     import torch
     import torch.nn.functional as functional
 
     height, width = guide.shape[:2]
-    small = backend.asarray(coeffs.transpose(2, 0, 1))[None]
+    small = model[None]
     # align_corners=False samples at pixel centres, as cv2.INTER_LINEAR does.
     full = functional.interpolate(small, (height, width), mode="bilinear", align_corners=False)[0]
     image = torch.from_numpy(guide).to(backend.device).permute(2, 0, 1).float() * (1 / 255)
