@@ -1,13 +1,17 @@
 """Load: N jobs submitted in bulk through the HTTP API, run by a real worker to the end.
 
 Prints the figures: submission rate (jobs/s through POST /v1/jobs), completion rate, jobs lost
-(accepted but not final, or succeeded with no output), jobs doubled (outputs stored for failed
-jobs, or objects with no succeeded job), and whether database and storage agree.
+(accepted but not final, or succeeded with no output written), jobs doubled (an output written
+more than once, or written for a failed job, or an object written that no job succeeded
+for), and whether database and storage agree. Writes are counted at the S3 endpoint: the
+worker reaches storage through the counting proxy (tests/faulty_s3.py), which records every
+PUT the store acknowledged, per key, so a second PUT to the same key is seen.
 
     .venv/bin/python bench/load.py [--jobs 5000]
 
 Self-contained: starts a moto S3 server, dedicated PostgreSQL and Redis servers (tests/stack.py)
-and one worker with a random-init DeepLabV3-MobileNetV3 at a 64-pixel model input.
+and one worker with a random-init DeepLabV3-MobileNetV3 at a 64-pixel model input, reaching
+storage through the counting proxy.
 tests/test_load.py runs the same code with fewer jobs.
 """
 
@@ -18,6 +22,7 @@ import io
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,9 @@ class LoadFigures:
     lost: int
     doubled: int
     outputs_stored: int
+    # Succeeded jobs by how many times their output was written (exactly once: {1: all}).
+    writes_per_success: dict[int, int]
+    writes_for_failures: int
 
     @property
     def submit_rate(self) -> float:
@@ -60,6 +68,9 @@ class LoadFigures:
             f"jobs lost:                 {self.lost}",
             f"jobs doubled:              {self.doubled}",
             f"outputs in storage:        {self.outputs_stored}",
+            "PUTs per succeeded job:    "
+            + ", ".join(f"{n}: {jobs} jobs" for n, jobs in sorted(self.writes_per_success.items())),
+            f"PUTs for failed jobs:      {self.writes_for_failures}",
         ]
 
 
@@ -113,9 +124,21 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
     stored = {info.location for info in stack.storage.list(prefix + "/")}
     succeeded = {r["output"] for r in records.values() if r["status"] == "succeeded"}
     failed = {r["output"] for r in records.values() if r["status"] == "failed"}
+    writes = {
+        f"s3:/{path}": count for path, count in stack.proxy.writes(stack.key_of(prefix)).items()
+    }
+    everyone = {r["output"] for r in records.values()}
+    per_success = Counter(writes.get(output, 0) for output in succeeded)
     not_final = len(job_ids) - len(succeeded) - len(failed)
-    lost = not_final + len(succeeded - stored)
-    doubled = len(stored & failed) + len(stored - succeeded - failed)
+    lost = not_final + len(succeeded - stored) + per_success[0]
+    # (A job still running when the deadline passed is counted lost, not doubled.)
+    doubled = (
+        sum((n - 1) * jobs for n, jobs in per_success.items() if n > 1)
+        + sum(writes.get(output, 0) for output in failed)
+        + sum(count for output, count in writes.items() if output not in everyone)
+        + len(stored & failed)
+        + len(stored - everyone)
+    )
     return LoadFigures(
         jobs=count,
         submit_s=submit_s,
@@ -125,6 +148,8 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
         lost=lost,
         doubled=doubled,
         outputs_stored=len(stored),
+        writes_per_success=dict(per_success),
+        writes_for_failures=sum(writes.get(output, 0) for output in failed),
     )
 
 
@@ -173,7 +198,7 @@ def main() -> None:
 
         poll_until(moto_up, timeout=30, what="moto")
         stack = build_stack(folder, endpoint, weights, **LOAD_ENV)
-        stack.start_workers(1, BACKDROP_S3_ENDPOINT_URL=endpoint)
+        stack.start_workers(1)
         figures = run_load(stack, args.jobs, timeout=args.timeout)
         print("\n".join(figures.lines()))
     finally:
