@@ -39,9 +39,11 @@ SHOWN_CHARACTERS = 120
 # host, port, userinfo or path into a path-style request.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
-# Unicode's control characters (C0, DEL, C1: category Cc) and its line and paragraph
-# separators: each can end a log line or rewrite a terminal.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# What no string we take may hold: Unicode's control characters (C0, DEL, C1: category Cc)
+# and its line and paragraph separators, each of which can end a log line or rewrite a
+# terminal; and lone surrogates, which are not text (no UTF-8 encoder, database or log
+# stream takes them).
+UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -61,16 +63,18 @@ def shown(text: str) -> str:
     return f"{text[:SHOWN_CHARACTERS]!r}… ({len(text)} characters)"
 
 
-def control_character(text: str) -> str | None:
-    """The first control character in `text` (C0, DEL, C1, line and paragraph separators)."""
-    found = CONTROL_CHARACTERS.search(text)
+def unsafe_character(text: str) -> str | None:
+    """The first control character or lone surrogate in `text`, if any."""
+    found = UNSAFE_CHARACTERS.search(text)
     return found.group() if found else None
 
 
 def check_printable(text: str, what: str) -> None:
-    character = control_character(text)
+    character = unsafe_character(text)
     if character is not None:
-        raise InvalidRequest(f"{what} contains the control character {character!r}")
+        raise InvalidRequest(
+            f"{what} contains {character!r}: control characters and lone surrogates are not allowed"
+        )
 
 
 def canonical(location: str) -> str:
@@ -80,8 +84,13 @@ def canonical(location: str) -> str:
         return parse_s3(location).location
     if location.startswith(FILE_SCHEME):
         return real_path(location).as_uri()
+    raise unsupported(location)
+
+
+def unsupported(location: str) -> InvalidRequest:
+    """The error for a location of no scheme we serve (never fetched: no SSRF)."""
     _check_bounds(location)
-    raise InvalidRequest(
+    return InvalidRequest(
         f"unsupported location {shown(location)}: use s3://bucket/key or file:///absolute/path"
     )
 
@@ -92,7 +101,7 @@ def canonical_prefix(prefix: str) -> str:
         return real_path(prefix, prefix=True).as_uri()
     if prefix.startswith(S3_SCHEME):
         return parse_s3(prefix, prefix=True).location.rstrip("/")
-    return canonical(prefix)
+    raise unsupported(prefix)
 
 
 def parse_s3(location: str, *, prefix: bool = False) -> S3Object:

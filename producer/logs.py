@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from producer.locations import CONTROL_CHARACTERS
+from producer.locations import UNSAFE_CHARACTERS
 
 _job_id: ContextVar[str] = ContextVar("job_id", default="-")
 
@@ -24,7 +24,7 @@ _TRACEBACK_INDENT = "    | "
 
 def escape(text: str) -> str:
     r"""`text` on one line: each control character as a Python escape (`\n`, `\x1b`, …)."""
-    return CONTROL_CHARACTERS.sub(lambda found: repr(found.group())[1:-1], text)
+    return UNSAFE_CHARACTERS.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 class JobIdFilter(logging.Filter):

@@ -53,9 +53,9 @@ MAX_CLASSES = 100
 
 
 def _printable(value: str) -> str:
-    character = locations.control_character(value)
+    character = locations.unsafe_character(value)
     if character is not None:
-        raise ValueError(f"control character {character!r} is not allowed")
+        raise ValueError(f"{character!r} is not allowed (no control characters or lone surrogates)")
     return value
 
 

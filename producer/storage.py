@@ -40,10 +40,10 @@ from producer.locations import (
     FILE_SCHEME,
     S3_SCHEME,
     S3Object,
-    canonical,
     parse_s3,
     real_path,
     shown,
+    unsupported,
 )
 from producer.settings import Settings, get_settings
 
@@ -295,8 +295,7 @@ class Storage:
                     "folder or model weights); use a location of your own"
                 )
             return real
-        canonical(location)  # raises the reason it is not a location
-        raise AssertionError("unreachable: canonical() accepts only s3:// and file://")
+        raise unsupported(location)
 
     # --- S3 ------------------------------------------------------------------------------
 

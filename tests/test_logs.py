@@ -70,3 +70,4 @@ def test_a_traceback_keeps_its_lines_but_none_passes_for_a_record(
 def test_escape_leaves_printable_text_alone() -> None:
     assert escape("s3://bucket/photo été 1%.png") == "s3://bucket/photo été 1%.png"
     assert escape("a\tb\x00") == "a\\tb\\x00"
+    assert escape("lone \udc80 surrogate") == "lone \\udc80 surrogate"
