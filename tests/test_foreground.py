@@ -102,12 +102,16 @@ def test_a_hard_mask_returns_the_photo_itself_without_work(photo_composite) -> N
     assert estimate_foreground(photo, hard) is photo
 
 
-def test_the_answer_does_not_depend_on_how_the_band_is_tiled(photo_composite, monkeypatch) -> None:
+def test_the_answer_does_not_depend_on_how_the_band_is_tiled_or_batched(
+    photo_composite, monkeypatch
+) -> None:
     # Odd sizes and a matte touching every border exercise the tiles at the photo's edges.
     photo, alpha, _ = photo_composite
     photo, alpha = photo[3:-2, 1:], np.roll(alpha, (40, 60), axis=(0, 1))[3:-2, 1:]
     tiled = estimate_foreground(photo, alpha)
-    monkeypatch.setattr(foreground, "TILE", 512)  # one tile holds the whole photo
+    monkeypatch.setattr(foreground, "BATCH_TILES", 3)
+    assert np.array_equal(estimate_foreground(photo, alpha), tiled)
+    monkeypatch.setattr(foreground, "TILE", 1024)  # one tile holds the whole photo
     whole = estimate_foreground(photo, alpha)
     assert np.abs(tiled.astype(int) - whole).max() <= 1
 

@@ -39,6 +39,8 @@ FINE_WINDOW_FRACTION = 0.002
 COARSE_WORKING_WINDOW = 5
 # Side of the square tiles the narrow pass works on (a power of two: shrink cells nest in it).
 TILE = 32
+# Band tiles processed together (bounds the memory: ~40 MB a batch at 12 MP).
+BATCH_TILES = 256
 # Points are laid out in rows this long for cv2.remap (which takes at most 32767 a side).
 _REMAP_ROW = 1024
 # Keeps the local means defined where a window holds no subject (or no background) at all.
@@ -65,18 +67,37 @@ def estimate_foreground(
         return _estimate_on_device(image, alpha, device)
     height, width = alpha.shape
     coarse_window, fine_window = window_sizes(width, height)
-    mosaic = _Mosaic.of(_band_tiles(band), fine_window // 2, height, width)
-    tiles_image, tiles_alpha = mosaic.gather(image), mosaic.gather(alpha)
     factor = _shrink_factor(coarse_window)
-    mean_f, mean_b = _coarse_means(
-        image, alpha, mosaic, tiles_image, tiles_alpha, coarse_window, factor
-    )
+    origins = _band_tiles(band)
+    # Band tiles a batch at a time: memory stays bounded however much of the photo is edge.
+    batches = [
+        origins[start : start + BATCH_TILES] for start in range(0, len(origins), BATCH_TILES)
+    ]
+    means = _coarse_means(image, alpha, batches, coarse_window, factor)
+    out = image.copy()
+    for batch in batches:
+        mosaic = _Mosaic.of(batch, fine_window // 2, height, width)
+        _fuse(mosaic, image, alpha, means, factor, fine_window, out)
+    return out
+
+
+def _fuse(
+    mosaic: _Mosaic,
+    image: np.ndarray,
+    alpha: np.ndarray,
+    means: np.ndarray,
+    factor: int,
+    fine_window: int,
+    out: np.ndarray,
+) -> None:
+    """Both corrections for the band pixels of one batch of tiles, written into out."""
+    tiles_image, tiles_alpha = mosaic.gather(image), mosaic.gather(alpha)
     points = mosaic.band_points(tiles_alpha)
     colour = _take(tiles_image, points.index).astype(np.float32) * (1 / 255)
     weight = _take(tiles_alpha, points.index).astype(np.float32)[:, None] * (1 / 255)
-    means = _sample(cv2.merge([mean_f, mean_b]), points.y, points.x, factor)
-    fg = _clip(_correct(colour, weight, means[:, :3].copy(), means[:, 3:]))
-    bg = _clip(_correct_background(colour, weight, fg, means[:, 3:].copy()))
+    sampled = _sample(means, points.y, points.x, factor)
+    fg = _clip(_correct(colour, weight, sampled[:, :3].copy(), sampled[:, 3:]))
+    bg = _clip(_correct_background(colour, weight, fg, sampled[:, 3:].copy()))
     core = np.flatnonzero(points.core)
     near_f, near_b = _narrow_means(
         tiles_image, tiles_alpha, points.index, weight, fg, bg, points.index[core], fine_window
@@ -84,10 +105,8 @@ def estimate_foreground(
     fg = _clip(
         _correct(np.take(colour, core, axis=0), np.take(weight, core, axis=0), near_f, near_b)
     )
-    out = image.copy()
-    at = np.take(points.y, core) * width + np.take(points.x, core)
+    at = np.take(points.y, core) * alpha.shape[1] + np.take(points.x, core)
     _put(out, at, (fg * 255 + 0.5).astype(np.uint8))
-    return out
 
 
 def _estimate_on_device(
@@ -196,13 +215,11 @@ def _correct_background(colour: Array, weight: Array, fg: Array, mean_b: Array) 
 def _coarse_means(
     image: np.ndarray,
     alpha: np.ndarray,
-    mosaic: _Mosaic,
-    tiles_image: np.ndarray,
-    tiles_alpha: np.ndarray,
+    batches: list[np.ndarray],
     coarse_window: int,
     factor: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Wide-window alpha-weighted means of subject and background, at 1/factor scale.
+) -> np.ndarray:
+    """Wide-window alpha-weighted means of subject and background (6 channels), 1/factor scale.
 
     The shrink is a mean over whole factor x factor cells. Weighting a cell's mean colour by
     its mean alpha is exact where the alpha is constant over the cell; the cells holding band
@@ -214,12 +231,14 @@ def _coarse_means(
     colour = _shrink(image[crop], small_w, small_h).astype(np.float32) * (1 / 255)
     weight = _shrink(alpha[crop], small_w, small_h).astype(np.float32) * (1 / 255)
     premultiplied = colour * weight[:, :, None]
-    mosaic.paste_cell_means(premultiplied, tiles_image, tiles_alpha, factor)
+    for batch in batches:
+        cores = _Mosaic.of(batch, 0, height, width)
+        cores.paste_cell_means(premultiplied, cores.gather(image), cores.gather(alpha), factor)
     window = _odd(coarse_window / factor)
     mean_alpha = _box(weight, window)[:, :, None]
     mean_f = _box(premultiplied, window) / (mean_alpha + _EPS)
     mean_b = _box(colour - premultiplied, window) / (1 - mean_alpha + _EPS)
-    return mean_f, mean_b
+    return cv2.merge([mean_f, mean_b])
 
 
 def _shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
