@@ -51,6 +51,10 @@ class Settings(BaseSettings):
 
     max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=100_000_000, ge=1)
+    # Memory a worker's job threads may hold in decoded images and their working buffers at
+    # once (jobs beyond it wait; one photo needing more fails input_too_large). None: half the
+    # container's memory limit, or of the machine's memory (worker/budget.py).
+    memory_budget_mb: int | None = Field(default=None, ge=1)
 
     api_tokens: CommaList = Field(default_factory=list)
     # With no tokens the API refuses to start unless this is set: an open API must be a choice.

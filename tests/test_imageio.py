@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from producer.errors import InputTooLarge, InvalidImage, InvalidRequest, UnsupportedFormat
-from worker.imageio import decode_image, decode_mask, encode_image, encode_mask
+from worker.imageio import decode_image, decode_mask, encode_image, encode_mask, image_size
 
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 50_000_000}
 
@@ -237,6 +237,30 @@ def test_pixel_budget_is_checked_from_the_header():
         decode(bomb_png(100_000, 100_000), max_pixels=10**8)
     with pytest.raises(InputTooLarge):
         decode(valid_png(), max_pixels=40 * 30 - 1)
+
+
+def test_the_size_comes_from_the_header_without_decoding_a_pixel():
+    # The bomb's pixel data is 1 KB for 7,000 x 7,000: decoding it would fail as truncated.
+    assert image_size(bomb_png(7000, 7000), **LIMITS) == (7000, 7000)
+    with pytest.raises(InvalidImage):
+        decode(bomb_png(7000, 7000))
+    assert image_size(valid_jpeg(), **LIMITS) == (400, 300)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", InvalidImage),
+        (b"just some text, not a picture\n", InvalidImage),
+        (bomb_png(100_000, 100_000), InputTooLarge),
+        (bomb_png(10_000, 20), InvalidImage),
+        (save(Image.new("RGB", (16, 16)), "ICO"), UnsupportedFormat),
+    ],
+    ids=["empty", "text", "bomb-png", "absurd-aspect", "ico"],
+)
+def test_the_size_is_refused_as_decoding_would_refuse(data, error):
+    with pytest.raises(error):
+        image_size(data, **LIMITS)
 
 
 def test_masks_decode_to_grey_and_scale_sixteen_bit():

@@ -122,8 +122,26 @@ def encode_mask(alpha: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def image_size(data: bytes, *, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(width, height) as stored, read from the header alone after the checks decoding makes
+    first: what the memory budget needs to know before a single pixel is decoded."""
+    return _identify(data, max_pixels=max_pixels, max_bytes=max_bytes).size
+
+
 def _open(data: bytes, *, max_pixels: int, max_bytes: int) -> Image.Image:
     """Identify, check limits from the header, then decode the pixels (first frame only)."""
+    image = _identify(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated or corrupt data surfaces as many exception types
+        raise InvalidImage(f"corrupt or truncated {image.format} ({_describe(exc)})") from None
+    return image
+
+
+def _identify(data: bytes, *, max_pixels: int, max_bytes: int) -> Image.Image:
+    """The image, opened lazily (header only), once its format and geometry pass the limits."""
     if not data:
         raise InvalidImage("empty file")
     if len(data) > max_bytes:
@@ -139,12 +157,6 @@ def _open(data: bytes, *, max_pixels: int, max_bytes: int) -> Image.Image:
             f"{image.format or 'this'} images are not supported; use {_ACCEPTED_LIST}"
         )
     _check_geometry(image.size, max_pixels)
-    try:
-        image.load()
-    except MemoryError:
-        raise
-    except Exception as exc:  # truncated or corrupt data surfaces as many exception types
-        raise InvalidImage(f"corrupt or truncated {image.format} ({_describe(exc)})") from None
     return image
 
 

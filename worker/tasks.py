@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
@@ -32,10 +33,10 @@ from producer.models import Job
 from producer.request import Effect, JobRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.storage import Storage, content_type_for, get_storage
-from worker import messages
+from worker import budget, messages
 from worker.batcher import Batcher
-from worker.imageio import decode_image, decode_mask
-from worker.pipeline import Timings, alpha_for, render
+from worker.imageio import decode_image, decode_mask, image_size
+from worker.pipeline import Rendered, Timings, alpha_for, render
 from worker.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ messages.guard(app)
 _batcher: Batcher | None = None
 _batcher_lock = threading.Lock()
 _leases: LeaseKeeper | None = None
+_budget: budget.MemoryBudget | None = None
 
 
 class Superseded(Exception):
@@ -79,6 +81,16 @@ def get_batcher() -> Batcher:
         return _batcher
 
 
+def get_budget() -> budget.MemoryBudget:
+    """The process's one memory budget, shared by every job thread."""
+    global _budget
+    with _batcher_lock:
+        if _budget is None:
+            _budget = budget.MemoryBudget(budget.capacity_bytes(get_settings()))
+            log.info("memory budget for images: %.0f MB", _budget.capacity / budget.MB)
+        return _budget
+
+
 def get_leases() -> LeaseKeeper:
     global _leases
     with _batcher_lock:
@@ -95,6 +107,7 @@ def _warm_up(**_: Any) -> None:
     # first job arrives.
     get_batcher()
     get_leases()
+    get_budget()
 
 
 def _read_image_input(storage: Storage, location: str, settings: Settings, what: str) -> bytes:
@@ -127,52 +140,45 @@ def request_of(job: Job) -> JobRequest:
     )
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """A job's downloaded images, still compressed."""
+
+    photo: bytes
+    mask: bytes | None
+    background: bytes | None
+
+
 def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) -> dict[str, Any]:
     """Run one job's work; returns what the succeeded record needs."""
+    started = time.monotonic()
     request = request_of(job)
     timings = Timings()
     with timings.stage("download"):
-        data = _read_image_input(storage, request.input, settings, "input")
-        mask_data = (
-            _read_image_input(storage, request.mask, settings, "mask") if request.mask else None
+        inputs = Inputs(
+            photo=_read_image_input(storage, request.input, settings, "input"),
+            mask=(
+                _read_image_input(storage, request.mask, settings, "mask") if request.mask else None
+            ),
+            background=(
+                _read_image_input(storage, request.background or "", settings, "background")
+                if request.effect == Effect.REPLACE
+                else None
+            ),
         )
-        background_data = (
-            _read_image_input(storage, request.background or "", settings, "background")
-            if request.effect == Effect.REPLACE
-            else None
+    try:
+        reservation = get_budget().reserve(
+            memory_need(inputs, settings),
+            timeout=settings.job_timeout_s - (time.monotonic() - started),
+            what="this photo",
         )
-    with timings.stage("decode"):
-        photo = decode_image(
-            data, max_pixels=settings.max_pixels, max_bytes=settings.max_input_bytes
-        )
-        coarse = (
-            decode_mask(
-                mask_data, max_pixels=settings.max_pixels, max_bytes=settings.max_input_bytes
-            )
-            if mask_data is not None
-            else None
-        )
-        background = None
-        if background_data is not None:
-            try:
-                background = decode_image(
-                    background_data,
-                    max_pixels=settings.max_pixels,
-                    max_bytes=settings.max_input_bytes,
-                ).rgb
-            except PermanentError as exc:
-                raise type(exc)(f"background image: {exc.message}") from None
+    except budget.Expired as exc:
+        # The lease keeper stops renewing the attempt at the same moment: the job is retried.
+        raise Superseded(f"{exc}, past BACKDROP_JOB_TIMEOUT_S") from None
+    with reservation:
+        # Every decoded array is gone once _image returns, before the memory is released.
+        rendered, (width, height) = _image(inputs, request, settings, batcher, timings)
     segmenter = batcher.segmenter
-    alpha = alpha_for(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
-    rendered = render(
-        photo,
-        alpha,
-        request,
-        timings,
-        background=background,
-        want_mask=request.mask_output is not None,
-        device=segmenter.device,
-    )
     jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
     with session_scope(settings.database_url) as session:
         # Only the attempt that owns the job writes its output: a worker that lost its lease
@@ -184,14 +190,54 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
         if rendered.mask is not None and request.mask_output:
             storage.write(request.mask_output, rendered.mask, content_type="image/png")
-    height, width = photo.rgb.shape[:2]
     return {
-        "model_name": segmenter.name if coarse is None else None,
-        "model_weights": segmenter.weights_id if coarse is None else None,
+        "model_name": segmenter.name if inputs.mask is None else None,
+        "model_weights": segmenter.weights_id if inputs.mask is None else None,
         "timings_ms": timings.ms,
         "input_size": (width, height),
         "foreground_fraction": rendered.foreground_fraction,
     }
+
+
+def memory_need(inputs: Inputs, settings: Settings) -> int:
+    """What the job's imaging will hold in memory, from its images' headers alone."""
+    limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
+    photo = image_size(inputs.photo, **limits)
+    mask = image_size(inputs.mask, **limits) if inputs.mask is not None else None
+    background = None
+    if inputs.background is not None:
+        try:
+            background = image_size(inputs.background, **limits)
+        except PermanentError as exc:
+            raise type(exc)(f"background image: {exc.message}") from None
+    return budget.need_bytes(photo, mask=mask, background=background)
+
+
+def _image(
+    inputs: Inputs, request: JobRequest, settings: Settings, batcher: Batcher, timings: Timings
+) -> tuple[Rendered, tuple[int, int]]:
+    """Decode, segment, refine, composite and encode; the rendered bytes and the photo's size."""
+    limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
+    with timings.stage("decode"):
+        photo = decode_image(inputs.photo, **limits)
+        coarse = decode_mask(inputs.mask, **limits) if inputs.mask is not None else None
+        background = None
+        if inputs.background is not None:
+            try:
+                background = decode_image(inputs.background, **limits).rgb
+            except PermanentError as exc:
+                raise type(exc)(f"background image: {exc.message}") from None
+    alpha = alpha_for(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
+    rendered = render(
+        photo,
+        alpha,
+        request,
+        timings,
+        background=background,
+        want_mask=request.mask_output is not None,
+        device=batcher.segmenter.device,
+    )
+    return rendered, photo.size
 
 
 class RetryLater(Exception):
