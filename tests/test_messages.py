@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -215,6 +216,12 @@ def test_a_hand_built_message_for_a_real_job_runs_it_now_or_when_due(
     record = live.wait_final([job_id], timeout=60)[job_id]
     assert record["status"] == "succeeded"
     assert f"{TASK_NAME}[{task_id}]" in live.workers[0].log()
+
+
+def test_the_worker_still_answers_a_broadcast_ping(live: Stack) -> None:
+    """Remote control (health checks, `backdrop stats`) goes through the same transport."""
+    replies = live.client.celery.control.inspect(timeout=10).ping() or {}
+    assert f"backdrop-{live.workers[0].pid}@{socket.gethostname()}" in replies
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

@@ -214,8 +214,10 @@ def _payload(message: Message) -> Any:
     message.accept = ACCEPT
     try:
         return message.decode()
-    except (ContentDisallowed, DecodeError) as exc:
+    except ContentDisallowed as exc:  # says which content type, e.g. pickle
         raise Malformed(str(exc)) from None
+    except DecodeError as exc:
+        raise Malformed(f"body does not decode ({exc})") from None
 
 
 def _check_arguments(payload: Any) -> None:
