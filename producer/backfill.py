@@ -9,6 +9,11 @@ a kill between the two leaves queued jobs without a message, so every run of a b
 first re-publishes all its still-queued jobs. A duplicate message is harmless: `jobs.start`
 only starts a queued job once and drops the message of a running or final one.
 
+Output names: `<output prefix>/<key under the source>`, the extension swapped for the
+output format's when the photo already has that one (`cat.png` → `cat.png`), else appended
+(`cat.jpg` → `cat.jpg.png`): `cat.jpg` and `cat.png` in one folder never map to one output,
+whatever chunk or run each lands in, and the name alone says which photo an output came from.
+
 Skipping: a job's fingerprint hashes what determines its output (input location and ETag,
 effect, parameters, model, output location). A photo whose fingerprint belongs to a job that
 succeeded or is still in flight is skipped; failed and canceled ones are processed again.
@@ -42,8 +47,14 @@ from sqlalchemy.orm import Session
 
 from producer import broker, jobs
 from producer.db import session_scope
-from producer.errors import InputNotFound, InvalidRequest, InvalidTransition, PermanentError
-from producer.locations import canonical_prefix
+from producer.errors import (
+    BackdropError,
+    InputNotFound,
+    InvalidRequest,
+    InvalidTransition,
+    PermanentError,
+)
+from producer.locations import FILE_SCHEME, canonical_prefix
 from producer.logs import job_context
 from producer.models import Backfill, BackfillStatus, Job, JobStatus
 from producer.request import JobRequest, Queue, parse_request
@@ -63,6 +74,11 @@ HEAD_THREADS = 16
 REPUBLISH_PAGE = 5000
 MAX_POLL_S = 2.0
 REPORT_NAME = "failures.csv"
+# Codes that say the workers cannot reach the photos at all (their roots or buckets differ
+# from this process's, or their model is broken): when the first jobs all end in one of
+# these, the backfill stops with one message instead of failing every photo.
+UNREACHABLE_CODES = ("access_denied", "weights_unavailable")
+FAIL_FAST_JOBS = 10
 # A backfill's max_in_flight: far above any useful backlog, far below the database's INTEGER.
 MAX_IN_FLIGHT = 1_000_000
 # S3 keys are at most 1,024 bytes; a prefix with its scheme and bucket fits in twice that.
@@ -73,6 +89,10 @@ Progress = Callable[[dict[str, Any]], None]
 
 class BackfillNotFound(PermanentError):
     code = "backfill_not_found"
+
+
+class BackfillUnreachable(PermanentError):
+    code = "backfill_failed"
 
 
 class _Interrupted(Exception):
@@ -122,11 +142,12 @@ def _listing_chunks(
 ) -> Iterator[Chunk]:
     items: list[Item] = []
     position = cursor
+    base = canonical_prefix(source)
     # A resume lists from the cursor on (S3's StartAfter), not from the start again.
     for info in storage.list(source, page_size=1000, start_after=cursor):
         position = info.location
         if not _under(info.location, exclude):
-            items.append(Item(info.location, info.etag, _relative(info.location, source)))
+            items.append(Item(info.location, info.etag, _relative(info.location, base)))
         if len(items) >= size:
             yield Chunk(items, position)
             items = []
@@ -139,11 +160,11 @@ def _under(location: str, prefix: str) -> bool:
 
 
 def _relative(location: str, source: str) -> str:
-    if location.startswith(source):
-        rest = location[len(source) :].lstrip("/")
-        if rest:
-            return rest
-    return location.rsplit("/", 1)[-1]
+    """The key under the source, as a name: a file location's percent-encoding is undone
+    (`join` encodes the output's name again)."""
+    rest = location[len(source) :].lstrip("/") if location.startswith(source) else ""
+    rest = rest or location.rsplit("/", 1)[-1]
+    return unquote(rest) if location.startswith(FILE_SCHEME) else rest
 
 
 def _manifest_lines(storage: Storage, source: str) -> Iterator[str]:
@@ -212,9 +233,11 @@ def template_request(options: dict[str, Any]) -> JobRequest:
 
 
 def output_for(output_prefix: str, relative: str, fmt: str) -> str:
-    """Deterministic per photo, so a re-run or resume never writes a second output for it."""
-    stem = str(PurePosixPath(relative).with_suffix("")) if "." in relative else relative
-    return join(output_prefix, f"{stem}.{jobs.EXTENSIONS[fmt]}")
+    """Deterministic per photo, so a re-run or resume never writes a second output for it;
+    distinct per photo, so two photos never share one (see the module's docstring)."""
+    extension = f".{jobs.EXTENSIONS[fmt]}"
+    name = relative if PurePosixPath(relative).suffix == extension else relative + extension
+    return join(output_prefix, name)
 
 
 def fingerprint(request: JobRequest, etag: str, model: str) -> str:
@@ -241,13 +264,25 @@ def _already_done(session: Session, planned: list[Planned]) -> set[str]:
 
 
 def _fresh(session: Session, planned: list[Planned]) -> list[Planned]:
-    """Those not already processed nor in flight; a photo listed twice (a manifest) once."""
+    """Those not already processed nor in flight; a photo listed twice (a manifest) once.
+    Of two photos naming one output (a manifest's `cat` and `cat.png`) the first is kept
+    and the other skipped with a warning: one photo's output is never the other's."""
     done = _already_done(session, planned)
+    outputs: set[str | None] = set()
     fresh = []
     for candidate in planned:
-        if candidate.fingerprint not in done:
-            done.add(candidate.fingerprint)
-            fresh.append(candidate)
+        if candidate.fingerprint in done:
+            continue
+        if candidate.request.output in outputs:
+            log.warning(
+                "%s: output %s already belongs to another photo of this chunk; skipped",
+                candidate.item.location,
+                candidate.request.output,
+            )
+            continue
+        done.add(candidate.fingerprint)
+        outputs.add(candidate.request.output)
+        fresh.append(candidate)
     return fresh
 
 
@@ -358,15 +393,18 @@ class Backfills:
             BackfillStatus.CANCELED,
             finished_at=jobs.now(),
         )
+        canceled = self._cancel_queued(backfill_id)
+        log.info("backfill %s canceled with %d queued jobs", backfill_id, canceled)
+        return self.get(backfill_id)
+
+    def _cancel_queued(self, backfill_id: str) -> int:
         with session_scope(self.settings.database_url) as session:
-            canceled = session.execute(
+            return session.execute(
                 update(Job)
                 .where(Job.backfill_id == backfill_id, Job.status == JobStatus.QUEUED.value)
                 .values(status=JobStatus.CANCELED.value, finished_at=jobs.now())
                 .execution_options(synchronize_session=False)
             ).rowcount
-        log.info("backfill %s canceled with %d queued jobs", backfill_id, canceled)
-        return self.get(backfill_id)
 
     def dry_run(self, source: str, output_prefix: str, options: dict[str, Any]) -> dict[str, int]:
         """Walk and count what a run would do, writing nothing."""
@@ -392,6 +430,12 @@ class Backfills:
                 return self._run(backfill_id, progress or (lambda _record: None))
             except KeyboardInterrupt:
                 self._stop(backfill_id, BackfillStatus.PAUSED, "interrupted")
+                raise
+            except BackdropError as exc:
+                # Ours carry their own message, recorded on the backfill (which the CLI
+                # prints): no traceback, and no second copy on the user's terminal.
+                log.info("backfill %s failed: %s", backfill_id, exc)
+                self._stop(backfill_id, BackfillStatus.FAILED, str(exc)[:2000])
                 raise
             except Exception as exc:
                 log.exception("backfill %s failed", backfill_id)
@@ -525,6 +569,7 @@ class Backfills:
                 in_flight = _refresh_counts(session, backfill)
                 record = backfill.to_record(in_flight=in_flight)
             progress(record)
+            self._check_reachable(backfill_id)
             if backfill.status != BackfillStatus.RUNNING.value:
                 log.info("backfill %s is %s: stopping", backfill_id, backfill.status)
                 return backfill.status
@@ -532,6 +577,39 @@ class Backfills:
                 return backfill.status
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_POLL_S)
+
+    def _check_reachable(self, backfill_id: str) -> None:
+        """Raise BackfillUnreachable, its queued jobs canceled, when none of its jobs
+        succeeded and its first ones (up to FAIL_FAST_JOBS) all failed for want of access:
+        the workers' settings differ from this process's, and every photo would fail alike.
+        Canceled jobs are submitted again by `--resume` once the workers are fixed."""
+        with session_scope(self.settings.database_url) as session:
+            backfill = _get(session, backfill_id)
+            if backfill.succeeded or not backfill.failed:
+                return
+            codes = dict(
+                session.execute(
+                    select(Job.error_code, func.count())
+                    .where(Job.backfill_id == backfill_id, Job.status == JobStatus.FAILED.value)
+                    .group_by(Job.error_code)
+                ).all()
+            )
+            needed = min(FAIL_FAST_JOBS, backfill.submitted)
+            unreachable = sum(codes.get(code, 0) for code in UNREACHABLE_CODES)
+            if unreachable < needed or unreachable != sum(codes.values()):
+                return
+            example = session.execute(
+                select(Job.error_code, Job.error_message)
+                .where(Job.backfill_id == backfill_id, Job.status == JobStatus.FAILED.value)
+                .limit(1)
+            ).one()
+        self._cancel_queued(backfill_id)
+        raise BackfillUnreachable(
+            f"its first {unreachable} jobs all failed {example.error_code} "
+            f"({example.error_message}): the workers cannot use these locations. Give the "
+            "workers the same BACKDROP_LOCAL_ROOTS / BACKDROP_ALLOWED_BUCKETS (and model) as "
+            f"this command, then: backdrop backfill --resume {backfill_id}"
+        )
 
     def _finish_listing(self, backfill_id: str) -> None:
         with session_scope(self.settings.database_url) as session:
@@ -646,7 +724,9 @@ class Backfills:
                 f"backfill source {source!r}: give s3://bucket/prefix, file:///prefix "
                 "or a manifest .csv"
             )
-        self.storage.list(source)  # resolves the prefix: allow-list and roots
+        # Resolves the prefix (allow-list and roots); an empty one is a typo, not 0 photos.
+        if next(iter(self.storage.list(source, page_size=1)), None) is None:
+            raise InputNotFound(f"backfill source {source!r}: no files there")
         if source.rstrip("/") == output_prefix.rstrip("/") or _under(source, output_prefix):
             raise InvalidRequest("the source must not lie inside the output prefix")
         return template

@@ -6,18 +6,35 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, get_args
+from urllib.parse import unquote
 
 import click
+from pydantic import ValidationError
 
-from producer.errors import BackdropError, InvalidRequest
+from producer.errors import (
+    AccessDenied,
+    BackdropError,
+    InputNotFound,
+    InvalidRequest,
+    InvalidTransition,
+    PermanentError,
+)
+from producer.locations import FILE_SCHEME, real_path
+from producer.models import JobStatus
+from producer.outputs import STDIO, format_for, plan_outputs
 from producer.request import FOREGROUND_CLASSES, Effect, OutputFormat, Queue
-from producer.settings import configure, get_settings
+from producer.settings import ModelName, configure, get_settings
 
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+# After this long still queued, `submit --wait` says whether any worker is there to take it.
+NO_WORKER_WARNING_S = 5.0
+# The job fields each command sets: the same names as the Python API and the HTTP JSON.
 JOB_FIELDS = (
     "effect",
     "background",
@@ -25,6 +42,7 @@ JOB_FIELDS = (
     "classes",
     "output",
     "format",
+    "jpeg_quality",
     "mask_output",
     "mask",
     "idempotency_key",
@@ -32,11 +50,25 @@ JOB_FIELDS = (
     "fail_on_no_subject",
     "overwrite",
 )
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def _fail(code: str, message: str) -> None:
+class DeviceUnavailable(PermanentError):
+    code = "device_unavailable"
+
+
+def _fail(code: str, message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"{code}: {message}", err=True)
-    sys.exit(EXIT_FAILED)
+    sys.exit(exit_code)
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """A settings error as the environment variables the user set: `BACKDROP_MODEL: …`."""
+    return "; ".join(
+        f"BACKDROP_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+        + (f" (got {error['input']!r})" if isinstance(error.get("input"), str | int) else "")
+        for error in exc.errors()
+    )
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,6 +80,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except BackdropError as exc:
             _fail(exc.code, exc.message)
+        except ValidationError as exc:
+            _fail("invalid_settings", settings_problem(exc))
         except TimeoutError as exc:
             _fail("timeout", str(exc))
 
@@ -58,33 +92,67 @@ def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return [name.strip() for name in value.split(",")] if value else None
 
 
-def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--effect", type=click.Choice([e.value for e in Effect]), default="remove"),
-        click.option("--background", help="remove: #RRGGBB or 'transparent'; replace: image"),
-        click.option("--blur-strength", type=click.FloatRange(0, 1, min_open=True)),
-        click.option(
-            "--classes",
-            callback=_classes,
-            help=f"comma-separated VOC classes kept as subject ({','.join(FOREGROUND_CLASSES)})",
-        ),
-        click.option("--output"),
-        click.option("--format", "format_", type=click.Choice([f.value for f in OutputFormat])),
-        click.option("--mask-output"),
-        click.option("--mask"),
-        click.option("--idempotency-key"),
-        click.option("--queue", type=click.Choice([q.value for q in Queue])),
-        click.option("--fail-on-no-subject", is_flag=True, default=None),
-        click.option(
-            "--overwrite",
-            is_flag=True,
-            default=None,
-            help="let the output replace an existing object this job did not write",
-        ),
-    ]
+def _options(command: Callable[..., Any], options: list[Callable[..., Any]]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def effect_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What the result looks like: every command that makes one takes these."""
+    return _options(
+        command,
+        [
+            click.option(
+                "--effect",
+                type=click.Choice([e.value for e in Effect]),
+                default="remove",
+                help="what happens to the background",
+            ),
+            click.option(
+                "--background",
+                help="remove: #RRGGBB or 'transparent' [default: #FFFFFF]; "
+                "replace: an image (file or location)",
+            ),
+            click.option(
+                "--blur-strength",
+                type=click.FloatRange(0, 1, min_open=True),
+                help="blur: how strong, in (0, 1] [default: 0.5]",
+            ),
+            click.option(
+                "--classes",
+                callback=_classes,
+                help=f"comma-separated VOC classes kept as subject [default: all: "
+                f"{','.join(FOREGROUND_CLASSES)}]",
+            ),
+            click.option(
+                "--format",
+                "format_",
+                type=click.Choice([f.value for f in OutputFormat]),
+                help="output image format [default: from the output's extension, else png]",
+            ),
+            click.option(
+                "--jpeg-quality",
+                type=click.IntRange(1, 100),
+                help="quality of a jpeg output, 1-100 [default: 92]",
+            ),
+            click.option(
+                "--fail-on-no-subject/--no-fail-on-no-subject",
+                default=None,
+                help="fail with no_subject when the photo has none of the classes "
+                "[default: the job default]",
+            ),
+        ],
+    )
+
+
+def overwrite_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--overwrite",
+        is_flag=True,
+        default=None,
+        help="let the output replace an existing object this job did not write",
+    )(command)
 
 
 def request_fields(**options: Any) -> dict[str, Any]:
@@ -96,7 +164,15 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group()
+def _shown_location(location: str | None) -> str:
+    """A file:// location as the path a user types; anything else as it is."""
+    if location and location.startswith(FILE_SCHEME):
+        return str(real_path(location))
+    return location or "-"
+
+
+@click.group(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="backdrop", prog_name="backdrop")
 def cli() -> None:
     """Backdrop: remove, replace, blur or desaturate photo backgrounds at scale."""
     from producer.logs import configure as configure_logging
@@ -104,54 +180,120 @@ def cli() -> None:
     configure_logging("WARNING")
 
 
+def _check_device(device: str) -> None:
+    from worker.segmenter import pick_device
+
+    try:
+        pick_device(device)
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"{exc}; use --device cpu (or auto)") from None
+
+
 @cli.command()
-@click.argument("input_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output_file", type=click.Path(dir_okay=False, path_type=Path))
-@job_options
-@click.option("--save-mask", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--model")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("output", metavar="OUTPUT")
+@effect_options
+@click.option(
+    "--mask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="a coarse mask image to refine instead of running the model (one input only)",
+)
+@click.option(
+    "--save-mask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the final mask (PNG) here (one input only)",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    help="where the model runs [default: BACKDROP_DEVICE or auto]",
+)
+@click.option(
+    "--model",
+    type=click.Choice(list(get_args(ModelName))),
+    help="segmentation model [default: BACKDROP_MODEL]",
+)
 @reports_errors
 def process(
-    input_file: Path,
-    output_file: Path,
+    inputs: tuple[str, ...],
+    output: str,
+    mask: Path | None,
     save_mask: Path | None,
     device: str | None,
     model: str | None,
     **options: Any,
 ) -> None:
-    """Process one local file, without queue or database: the workers' code path."""
+    """Process local files without queue or database: the workers' code path, one model load.
+
+    INPUT is a file, a folder (its photos, recursively) or '-' (stdin). One file in: OUTPUT
+    is a file (its extension picks the format) or '-' (stdout). Several inputs or a folder:
+    OUTPUT is a folder (created), names kept, extension from --format (default png).
+    """
     settings = configure(device=device, model=model)
     fields = request_fields(**options)
-    fields.setdefault("format", _format_from_suffix(output_file))
-    mask_file = fields.pop("mask", None)
-    from worker.local import process_file
 
-    process_file(
-        input_file,
-        output_file,
-        fields,
-        settings=settings,
-        mask_file=Path(mask_file) if mask_file else None,
-        save_mask=save_mask,
+    pairs = plan_outputs(inputs, output, fields.get("format"))
+    if (mask or save_mask) and len(pairs) != 1:
+        raise InvalidRequest("--mask and --save-mask take one input, not a folder or several")
+    if mask is None:
+        _check_device(settings.device)
+    from worker.local import LocalProcessor
+
+    processor = LocalProcessor(settings, fields)
+    if len(pairs) == 1:
+        processor.process(pairs[0], mask_file=mask, save_mask=save_mask)
+        if pairs[0].output != STDIO:
+            click.echo(pairs[0].output)
+        return
+    failed = 0
+    with _progress_bar(pairs) as bar:
+        for pair in bar:
+            try:
+                processor.process(pair)
+            except BackdropError as exc:  # one bad photo never stops the others
+                failed += 1
+                click.echo(f"\n{pair.input}: {exc.code}: {exc.message}", err=True)
+    click.echo(f"{len(pairs) - failed} of {len(pairs)} photos written to {output}")
+    if failed:
+        _fail("photos_failed", f"{failed} of {len(pairs)} photos failed (listed above)")
+
+
+def _progress_bar(pairs: list[Any]) -> Any:
+    """A bar on a terminal for several photos; nothing in a pipe or for one."""
+    return click.progressbar(
+        pairs,
+        label="processing",
+        file=sys.stderr,
+        show_pos=True,
+        item_show_func=lambda pair: pair.input if pair else None,
+        hidden=len(pairs) < 2 or not sys.stderr.isatty(),
     )
-    click.echo(str(output_file))
-
-
-def _format_from_suffix(path: Path) -> str:
-    suffix = path.suffix.lower().lstrip(".")
-    return {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
 
 
 @cli.command()
-@click.argument("input_location")
-@job_options
-@click.option("--wait", is_flag=True, help="wait until the job is final")
-@click.option("--timeout", type=float, default=600.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("input_location", metavar="INPUT")
+@effect_options
+@click.option(
+    "--output",
+    help="a location, or a local path (relative to the cwd): written there, or fetched "
+    "there once the job succeeds (implies --wait) [default: BACKDROP_OUTPUT_PREFIX/<id>.<ext>]",
+)
+@click.option("--mask-output", help="also write the final mask here (location or local path)")
+@click.option("--mask", help="a coarse mask to refine instead of the model (file or location)")
+@click.option("--idempotency-key", help="submitting the same key again returns the first job")
+@click.option(
+    "--queue",
+    type=click.Choice([q.value for q in Queue]),
+    help="interactive jobs go before bulk ones [default: interactive]",
+)
+@overwrite_option
+@click.option("--wait", is_flag=True, help="wait until the job is final; print its output")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, help="seconds to wait")
+@click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
 @reports_errors
 def submit(input_location: str, wait: bool, timeout: float, as_json: bool, **options: Any) -> None:
-    """Queue a job; a plain local path is uploaded to the input prefix first."""
+    """Queue a job; a plain local file is uploaded to the input prefix first (INPUT: a file
+    or a location, s3://bucket/key or file:///path)."""
     from producer.client import Client
 
     client = Client()
@@ -160,16 +302,80 @@ def submit(input_location: str, wait: bool, timeout: float, as_json: bool, **opt
     for key in ("background", "mask"):
         if fields.get(key) and not fields[key].startswith("#") and fields[key] != "transparent":
             fields[key] = _as_location(client, fields[key])
+    fetch_to: dict[str, Path] = {}
+    for key in ("output", "mask_output"):
+        if fields.get(key) and "://" not in fields[key]:
+            if key == "output":
+                fields["format"] = format_for(fields[key], fields.get("format"))
+            fields[key], fetched = _writable_location(client, key, Path(fields[key]))
+            if fetched is not None:
+                fetch_to[key] = fetched
     record = client.submit(fields)
-    if wait:
-        (record,) = client.wait([record["id"]], timeout=timeout)
+    if not (wait or fetch_to):
+        _print_json(record) if as_json else click.echo(record["id"])
+        return
+    click.echo(f"{record['id']} {record['status']}: waiting (Ctrl-C stops waiting)", err=True)
+    record = _wait_for(client, record, timeout)
+    if record["status"] == "succeeded":
+        for key, path in fetch_to.items():
+            _save(client, record[key], path)
+            record[key + "_saved_to"] = str(path)
     if as_json:
         _print_json(record)
     else:
-        click.echo(record["id"] if not wait else f"{record['id']} {record['status']}")
-    if wait and record["status"] != "succeeded":
+        saved = record.get("output_saved_to") or _shown_location(record["output"])
+        click.echo(f"{record['id']} {record['status']} {saved}")
+    if record["status"] != "succeeded":
         error = record["error"] or {"code": record["status"], "message": "job did not succeed"}
         _fail(error["code"], error["message"])
+
+
+def _wait_for(client: Any, record: dict[str, Any], timeout: float) -> dict[str, Any]:
+    job_id = record["id"]
+    started = time.monotonic()
+    try:
+        try:
+            (record,) = client.wait([job_id], timeout=min(timeout, NO_WORKER_WARNING_S))
+            return record
+        except TimeoutError:
+            if client.get(job_id)["status"] == "queued":
+                click.echo(f"warning: {_no_worker_hint(client, record['queue'])}", err=True)
+        left = max(0.0, timeout - (time.monotonic() - started))
+        try:
+            (record,) = client.wait([job_id], timeout=left)
+        except TimeoutError:
+            status = client.get(job_id)["status"]
+            raise TimeoutError(
+                f"job {job_id} is still {status} after {timeout:.0f}s; it stays {status}: "
+                f"backdrop status {job_id}"
+            ) from None
+        return record
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted",
+            f"stopped waiting; job {job_id} goes on: backdrop status {job_id} "
+            f"(or backdrop cancel {job_id})",
+            EXIT_INTERRUPTED,
+        )
+
+
+def _no_worker_hint(client: Any, queue: str) -> str:
+    from producer.stats import ping_workers
+
+    workers = ping_workers(client.settings, [])
+    if workers:
+        return (
+            f"still queued after {NO_WORKER_WARNING_S:.0f}s; workers {', '.join(workers)} are busy"
+        )
+    if workers is None:  # the embedded broker cannot be pinged
+        return (
+            f"still queued after {NO_WORKER_WARNING_S:.0f}s: is a worker running on the "
+            f"'{queue}' queue? start one with: backdrop worker"
+        )
+    return (
+        f"still queued after {NO_WORKER_WARNING_S:.0f}s: no worker answers on the broker; "
+        "start one with: backdrop worker"
+    )
 
 
 def _as_location(client: Any, value: str) -> str:
@@ -177,7 +383,7 @@ def _as_location(client: Any, value: str) -> str:
         return value
     path = Path(value)
     if not path.is_file():
-        raise InvalidRequest(f"{value} is neither a location (s3://, file://) nor a local file")
+        raise InputNotFound(f"{value} is neither a location (s3://, file://) nor a local file")
     from producer.storage import join
 
     location = join(client.settings.input_prefix, f"{uuid.uuid4().hex}-{path.name}")
@@ -185,9 +391,55 @@ def _as_location(client: Any, value: str) -> str:
     return location
 
 
+def _writable_location(client: Any, field: str, path: Path) -> tuple[str, Path | None]:
+    """A local output path (relative to the cwd): its location, when the local roots let jobs
+    write there; else a fresh location under the output prefix, and the path to fetch the
+    result to once the job succeeds."""
+    location = path.resolve().as_uri()
+    try:
+        client.storage.check_allowed(location)
+    except AccessDenied:
+        from producer.storage import join
+
+        suffix = "-mask.png" if field == "mask_output" else path.suffix
+        return join(client.settings.output_prefix, f"{uuid.uuid4().hex}{suffix}"), path
+    return location, None
+
+
+def _save(client: Any, location: str | None, dest: Path) -> Path:
+    if location is None:
+        raise InputNotFound("the job has no such output")
+    if dest.is_dir():
+        dest = dest / unquote(location.rsplit("/", 1)[-1])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(client.storage.read(location))
+    return dest
+
+
 @cli.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.option("--mask", "want_mask", is_flag=True, help="the job's mask_output instead")
+@reports_errors
+def get(job_id: str, dest: Path | None, want_mask: bool) -> None:
+    """Download a succeeded job's output to DEST (a file or a folder) [default: the cwd]."""
+    from producer.client import Client
+
+    client = Client()
+    record = client.get(job_id)
+    if record["status"] != "succeeded":
+        raise InvalidTransition(
+            f"job {record['id']} is {record['status']}; only a succeeded job has an output"
+        )
+    location = record["mask_output"] if want_mask else record["output"]
+    if want_mask and location is None:
+        raise InputNotFound(f"job {record['id']} wrote no mask (submit with --mask-output)")
+    click.echo(str(_save(client, location, dest or Path.cwd())))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="print the record as JSON")
 @reports_errors
 def status(job_id: str, as_json: bool) -> None:
     """Show one job."""
@@ -203,9 +455,14 @@ def status(job_id: str, as_json: bool) -> None:
 
 
 @cli.command(name="jobs")
-@click.option("--status", "status_filter")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--status",
+    "status_filter",
+    type=click.Choice([s.value for s in JobStatus]),
+    help="only jobs in this status",
+)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, help="most jobs listed")
+@click.option("--json", "as_json", is_flag=True, help="print the records as JSON")
 @reports_errors
 def jobs_command(status_filter: str | None, limit: int, as_json: bool) -> None:
     """List recent jobs, newest first."""
@@ -242,8 +499,10 @@ def retry(job_id: str | None, all_failed: bool, overwrite: bool) -> None:
     """Requeue a failed job (or all of them)."""
     from producer.client import Client
 
-    if bool(job_id) == all_failed:
+    if job_id and all_failed:
         raise InvalidRequest("give a JOB_ID or --failed, not both")
+    if not job_id and not all_failed:
+        raise InvalidRequest("give the JOB_ID to retry, or --failed for every failed job")
     if overwrite and all_failed:
         raise InvalidRequest("--overwrite is for one JOB_ID: it lets that job replace objects")
     client = Client()
@@ -268,14 +527,23 @@ def cancel(job_id: str) -> None:
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--output-prefix", help="where outputs go: <prefix>/<key under SOURCE>.<ext>")
-@job_options
+@click.option(
+    "--output-prefix",
+    help="where outputs go: <prefix>/<key under SOURCE>, with the format's extension "
+    "(appended when the photo has another: cat.jpg → cat.jpg.png)",
+)
+@effect_options
+@overwrite_option
 @click.option("--dry-run", is_flag=True, help="count what would be skipped and submitted")
 @click.option("--resume", "resume_id", metavar="ID", help="continue a killed or paused backfill")
 @click.option("--pause", "pause_id", metavar="ID", help="stop submitting; --resume continues")
 @click.option("--cancel", "cancel_id", metavar="ID", help="stop and cancel its queued jobs")
-@click.option("--max-in-flight", type=click.IntRange(1), help="[default: 1000]")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(1),
+    help="most of its jobs queued or running at once [default: BACKDROP_BACKFILL_MAX_IN_FLIGHT]",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the backfill record as JSON")
 @reports_errors
 def backfill(
     source: str | None,
@@ -288,8 +556,9 @@ def backfill(
     as_json: bool,
     **options: Any,
 ) -> None:
-    """Process every photo under an S3/file prefix or in a manifest CSV (bucket,key lines)
-    through the bulk queue; prints the backfill record when it ends."""
+    """Process every photo under SOURCE (s3://bucket/prefix/, file:///folder/, a local folder)
+    or in a manifest CSV (bucket,key lines) through the bulk queue. Exits non-zero when any
+    photo failed; the failures are listed in the report CSV."""
     from producer.backfill import from_settings
     from producer.progress import ProgressLine
 
@@ -299,6 +568,8 @@ def backfill(
         click.echo(f"{record['id']} {record['status']}")
         return
     fields = request_fields(**options)
+    source = _folder_location(source)
+    output_prefix = _folder_location(output_prefix)
     if dry_run:
         if not source or not output_prefix:
             raise InvalidRequest("--dry-run needs SOURCE and --output-prefix")
@@ -311,39 +582,108 @@ def backfill(
         if not source or not output_prefix:
             raise InvalidRequest("give SOURCE and --output-prefix (or --resume ID)")
         resume_id = engine.create(source, output_prefix, fields, max_in_flight)["id"]
+    else:
+        engine.get(resume_id)  # backfill_not_found before anything prints
     click.echo(f"backfill {resume_id}", err=True)
     progress = ProgressLine(sys.stderr)
     try:
         record = engine.run(resume_id, progress)
-    finally:
+    except KeyboardInterrupt:
         progress.close()
+        _fail(
+            "interrupted",
+            f"backfill {resume_id} paused; continue with: backdrop backfill --resume {resume_id}",
+            EXIT_INTERRUPTED,
+        )
+    progress.close()
     if as_json:
         _print_json(record)
     else:
-        click.echo(f"{record['id']} {record['status']} report={record['report'] or '-'}")
+        click.echo(f"{record['id']} {record['status']} report={_shown_location(record['report'])}")
+    _backfill_outcome(record)
+
+
+def _folder_location(value: str | None) -> str | None:
+    """A local folder path as its file:// prefix; anything else as given."""
+    if value is None or "://" in value or value.lower().endswith(".csv"):
+        return value
+    return Path(value).resolve().as_uri() + "/"
+
+
+def _backfill_outcome(record: dict[str, Any]) -> None:
     if record["status"] == "canceled":
         _fail("canceled", f"backfill {record['id']} was canceled")
+    if record["status"] == "paused":
+        _fail(
+            "paused",
+            f"backfill {record['id']} is paused: backdrop backfill --resume {record['id']}",
+        )
+    failed = record["counts"]["failed"]
+    if failed:
+        total = record["counts"]["submitted"]
+        _fail(
+            "jobs_failed",
+            f"{failed} of {total} photos failed; their errors: {_shown_location(record['report'])}",
+        )
+
+
+def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    known = [q.value for q in Queue]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"{', '.join(unknown) or 'none given'}: choose from {', '.join(known)}"
+        )
+    return names
 
 
 @cli.command()
-@click.option("--queues", default="interactive,bulk", show_default=True)
-@click.option("--concurrency", type=click.IntRange(1, 512), help="job threads (default 2×batch)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--max-batch", type=click.IntRange(1, 256))
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--queues",
+    default="interactive,bulk",
+    callback=_queues,
+    help=f"comma-separated queues to take jobs from ({', '.join(q.value for q in Queue)})",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 512),
+    help="job threads [default: 2 × max batch]",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    help="where the model runs [default: BACKDROP_DEVICE or auto]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    help="photos per model call [default: BACKDROP_MAX_BATCH or 8]",
+)
+@click.option(
+    "--loglevel",
+    default="INFO",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="log level",
+)
 @reports_errors
 def worker(
-    queues: str, concurrency: int | None, device: str | None, max_batch: int | None, loglevel: str
+    queues: list[str],
+    concurrency: int | None,
+    device: str | None,
+    max_batch: int | None,
+    loglevel: str,
 ) -> None:
     """Run a Celery worker: job threads feeding one batched model."""
     settings = configure(device=device, max_batch=max_batch)
+    _check_device(settings.device)
     from worker.runner import run_worker
 
-    run_worker(settings, queues=queues.split(","), concurrency=concurrency, loglevel=loglevel)
+    run_worker(settings, queues=queues, concurrency=concurrency, loglevel=loglevel.upper())
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
 @reports_errors
 def stats(as_json: bool) -> None:
     """Job counts, throughput, latency percentiles, failures, queue depth and workers."""
@@ -398,8 +738,8 @@ def models() -> None:
 @click.option(
     "--model",
     "model_name",
-    help="deeplabv3_resnet101 | deeplabv3_resnet50 | deeplabv3_mobilenet_v3_large "
-    "[default: BACKDROP_MODEL]",
+    type=click.Choice(list(get_args(ModelName))),
+    help="which model's weights [default: BACKDROP_MODEL]",
 )
 @click.option("--push", "push_to", help="upload below this prefix, e.g. s3://models/backdrop")
 @reports_errors
@@ -420,7 +760,10 @@ def models_pull(model_name: str | None, push_to: str | None) -> None:
 
 @cli.command()
 @click.option(
-    "--output-dir", type=click.Path(file_okay=False, path_type=Path), default="demo-output"
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="demo-output",
+    help="where the contact sheet, outputs and worker log go",
 )
 @reports_errors
 def demo(output_dir: Path) -> None:

@@ -18,6 +18,7 @@ class ProgressLine:
         self._started = time.monotonic()
         self._first_done: int | None = None
         self._last_plain = 0.0
+        self._unwritten: str | None = None
 
     def __call__(self, record: dict[str, Any]) -> None:
         line = describe(record, self._rate(record), self._eta(record))
@@ -26,13 +27,22 @@ class ProgressLine:
             self._stream.flush()
         elif time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             self._last_plain = time.monotonic()
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            self._write_plain(line)
+        else:
+            self._unwritten = line
 
     def close(self) -> None:
+        """End the live line; without a terminal, write the last counts if not yet written."""
         if self._tty:
             self._stream.write("\n")
             self._stream.flush()
+        elif self._unwritten is not None:
+            self._write_plain(self._unwritten)
+
+    def _write_plain(self, line: str) -> None:
+        self._unwritten = None
+        self._stream.write(line + "\n")
+        self._stream.flush()
 
     def _rate(self, record: dict[str, Any]) -> float:
         """Photos finished per second since this run began (resumes count from their start)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,8 +34,9 @@ class Settings(BaseSettings):
     # Where `backdrop submit LOCAL_FILE` uploads a plain local file before queueing it.
     input_prefix: str = ""
     allowed_buckets: CommaList = Field(default_factory=list)
-    # The folders file:// locations may touch; by default the data dir's inputs/ and outputs/,
-    # never the data dir itself, which holds the database and the broker folder.
+    # The folders file:// locations may touch, besides the input and output prefixes' own
+    # folders (by default the data dir's inputs/ and outputs/; never the data dir itself,
+    # which holds the database and the broker folder).
     local_roots: CommaList = Field(default_factory=list)
 
     model: ModelName = "deeplabv3_resnet101"
@@ -124,8 +126,14 @@ class Settings(BaseSettings):
             self.output_prefix = (data / "outputs").as_uri()
         if not self.input_prefix:
             self.input_prefix = (data / "inputs").as_uri()
-        if not self.local_roots:
-            self.local_roots = [str(data / "inputs"), str(data / "outputs")]
+        # Where `submit FILE` uploads and where results go by default are always roots, so
+        # setting BACKDROP_LOCAL_ROOTS for photos elsewhere never breaks the everyday flow.
+        own = [
+            unquote(prefix.removeprefix("file://"))
+            for prefix in (self.input_prefix, self.output_prefix)
+            if prefix.startswith("file://")
+        ]
+        self.local_roots = list(dict.fromkeys([*self.local_roots, *own]))
 
     @property
     def embedded_broker(self) -> bool:

@@ -1,0 +1,231 @@
+"""The `backdrop` command as a user runs it: the real entry point in a subprocess, on the
+embedded default (SQLite, the broker folder, local storage) in a temporary data dir, with a
+real worker where jobs must run."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from producer.cli import cli
+from producer.db import upgrade
+from producer.settings import Settings
+from tests.services import WorkerProcess
+
+BACKDROP = Path(sys.executable).with_name("backdrop")
+MOBILENET = "deeplabv3_mobilenet_v3_large"
+ONE_LINE_ERROR = re.compile(r"^[a-z_]+: \S")
+
+
+def photo_bytes(shade: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (shade, 120, 200)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def run(
+    args: list[str], env: dict[str, str], cwd: Path, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BACKDROP), *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def embedded_env(data: Path, weights: Path) -> dict[str, str]:
+    return {
+        "BACKDROP_DATABASE_URL": "",
+        "BACKDROP_BROKER_URL": "",
+        "BACKDROP_LOCAL_ROOTS": "",
+        "BACKDROP_INPUT_PREFIX": "",
+        "BACKDROP_OUTPUT_PREFIX": "",
+        "BACKDROP_DATA_DIR": str(data),
+        "BACKDROP_MODEL": MOBILENET,
+        "BACKDROP_WEIGHTS": str(weights),
+        "BACKDROP_MODEL_INPUT_SIZE": "128",
+        "BACKDROP_DEVICE": "cpu",
+        "BACKDROP_MAX_BATCH": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture
+def here(tmp_path: Path) -> Path:
+    """The user's working directory, with a.jpg in it."""
+    (tmp_path / "a.jpg").write_bytes(photo_bytes(30))
+    return tmp_path
+
+
+@pytest.fixture
+def env(here: Path, mobilenet_weights: Path) -> dict[str, str]:
+    data = here / "data"
+    upgrade(Settings(data_dir=data).database_url)
+    return embedded_env(data, mobilenet_weights)
+
+
+@pytest.fixture(scope="module")
+def served(mobilenet_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data dir with a real worker on both queues; yields the data dir."""
+    folder = tmp_path_factory.mktemp("served")
+    data = folder / "data"
+    upgrade(Settings(data_dir=data).database_url)
+    worker = WorkerProcess(embedded_env(data, mobilenet_weights), folder / "worker.log").start()
+    try:
+        worker.wait_ready()
+        yield data
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def served_env(served: Path, mobilenet_weights: Path) -> dict[str, str]:
+    return embedded_env(served, mobilenet_weights)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from commands(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
+def test_every_option_of_every_command_has_help_and_lists_its_choices() -> None:
+    for name, command in commands(cli):
+        for option in command.params:
+            if isinstance(option, click.Option):
+                assert option.help, f"backdrop {name} {option.opts[0]} has no help"
+        shown = CliRunner().invoke(cli, [*name.split(), "--help"], terminal_width=200)
+        assert shown.exit_code == 0, shown.output
+    submit = " ".join(CliRunner().invoke(cli, ["submit", "--help"]).output.split())
+    assert "what happens to the background [default: remove]" in submit
+    assert "--queue [interactive|bulk]" in submit
+
+
+@pytest.mark.parametrize(
+    ("command", "refused"),
+    [
+        ("process", ["--output", "--mask-output", "--queue", "--idempotency-key", "--overwrite"]),
+        ("backfill", ["--output", "--mask-output", "--idempotency-key", "--queue", "--mask"]),
+    ],
+)
+def test_options_a_command_would_ignore_are_not_offered(command: str, refused: list[str]) -> None:
+    offered = {opt for param in cli.commands[command].params for opt in param.opts}
+    assert offered.isdisjoint(refused)
+    assert "--jpeg-quality" in offered
+
+
+def test_version_prints_the_package_version(env: dict[str, str], here: Path) -> None:
+    shown = run(["--version"], env, here)
+    assert shown.returncode == 0 and re.fullmatch(r"backdrop, version \S+\n", shown.stdout)
+
+
+# --- no tracebacks -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "expected"),
+    [
+        (["process", "a.jpg", "o.png", "--model", "resnet"], {}, "Invalid value for '--model'"),
+        (["jobs"], {"BACKDROP_MODEL": "resnet"}, "invalid_settings: BACKDROP_MODEL"),
+        (["stats"], {"BACKDROP_MAX_BATCH": "0"}, "invalid_settings: BACKDROP_MAX_BATCH"),
+        (["process", "a.jpg", "o.png", "--device", "cuda"], {}, "device_unavailable: "),
+        (["worker", "--queues", "interactve"], {}, "interactve: choose from interactive, bulk"),
+        (["backfill", "--resume", "nope"], {}, "backfill_not_found: "),
+        (["retry"], {}, "invalid_request: give the JOB_ID to retry, or --failed"),
+        (["process", "a.jpg", "o.png", "--mask", "nothing.png"], {}, "input_not_found: mask"),
+    ],
+)
+def test_a_mistake_is_one_line_never_a_traceback(
+    args: list[str], extra_env: dict[str, str], expected: str, env: dict[str, str], here: Path
+) -> None:
+    if "--device" in args and _cuda_available():
+        pytest.skip("this host has CUDA")
+    finished = run(args, env | extra_env, here)
+    assert finished.returncode != 0
+    assert "Traceback" not in finished.stderr
+    assert expected in finished.stderr
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- process: formats, folders, pipes ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "flags", "expected"),
+    [
+        ("out.png", ["--format", "webp"], "--format webp conflicts with the extension of out.png"),
+        ("out.gif", [], ".gif is not an output format"),
+        ("out", [], "out has no extension"),
+    ],
+)
+def test_the_format_follows_the_extension_and_a_mismatch_is_refused(
+    output: str, flags: list[str], expected: str, env: dict[str, str], here: Path
+) -> None:
+    finished = run(["process", "a.jpg", output, *flags], env, here)
+    assert finished.returncode == 1
+    assert finished.stderr.strip() == f"invalid_request: {expected}" or expected in finished.stderr
+    assert not (here / output).exists()
+
+
+def test_a_folder_and_files_are_processed_into_a_folder_with_names_kept(
+    env: dict[str, str], here: Path
+) -> None:
+    photos = here / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "cat.jpg").write_bytes(photo_bytes(10))
+    (photos / "cat.png").write_bytes(photo_bytes(20, "PNG"))
+    (photos / "sub" / "dog one.webp").write_bytes(photo_bytes(40, "WEBP"))
+    (photos / "notes.txt").write_text("not a photo")
+
+    finished = run(["process", "photos", "a.jpg", "results", "--format", "jpeg"], env, here)
+
+    assert finished.returncode == 0, finished.stderr
+    written = sorted(str(p.relative_to(here / "results")) for p in (here / "results").rglob("*"))
+    assert written == ["a.jpg", "cat.jpg.jpg", "cat.png.jpg", "sub", "sub/dog one.jpg"]
+    assert Image.open(here / "results" / "sub" / "dog one.jpg").format == "JPEG"
+    assert "4 of 4 photos written to results" in finished.stdout
+    # One model load for all of them: the weights are read once.
+    assert "Traceback" not in finished.stderr
+
+
+def test_stdin_to_stdout_and_the_extension_picks_the_format(
+    env: dict[str, str], here: Path
+) -> None:
+    piped = subprocess.run(
+        [str(BACKDROP), "process", "-", "-"],
+        env={**os.environ, **env},
+        cwd=here,
+        input=(here / "a.jpg").read_bytes(),
+        capture_output=True,
+        timeout=300,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert Image.open(io.BytesIO(piped.stdout)).format == "PNG"
+
+    webp = run(["process", "a.jpg", "out.webp"], env, here)
+    assert webp.returncode == 0, webp.stderr
+    assert Image.open(here / "out.webp").format == "WEBP"
