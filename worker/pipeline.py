@@ -19,6 +19,7 @@ from producer.request import Effect, JobRequest
 from worker import composite
 from worker.foreground import estimate_foreground
 from worker.imageio import DecodedImage, encode_image, encode_mask
+from worker.matting import TorchBackend
 from worker.refine import refine_mask
 
 if TYPE_CHECKING:
@@ -57,15 +58,24 @@ def alpha_for(
     *,
     segment: Segment,
     coarse_mask: np.ndarray | None = None,
+    device: torch.device | None = None,
 ) -> np.ndarray:
-    """Full-resolution alpha: the model's soft mask (or a supplied coarse one), refined."""
+    """Full-resolution alpha: the model's soft mask (or a supplied coarse one), refined.
+
+    A GPU `device` (the segmenter's) also runs the matting solve, so a host feeding a fast GPU
+    does not become the bottleneck; on a CPU the numpy path is the faster one."""
     if coarse_mask is not None:
         soft = coarse_mask.astype(np.float32) / 255.0
     else:
         with timings.stage("segment"):
             soft = segment(photo.rgb, request.class_indices)
+    backend = TorchBackend(str(device)) if _accelerated(device) else None
     with timings.stage("refine"):
-        return refine_mask(soft, photo.rgb)
+        return refine_mask(soft, photo.rgb, backend=backend)
+
+
+def _accelerated(device: torch.device | None) -> bool:
+    return device is not None and device.type != "cpu"
 
 
 def foreground_fraction(alpha: np.ndarray) -> float:
@@ -113,7 +123,7 @@ def render(
     # Every effect shows the subject over something new, so its edge needs the subject's own
     # colours (free where the alpha is hard: the photo itself comes back).
     with timings.stage("decontaminate"):
-        on_device = device if device is not None and device.type != "cpu" else None
+        on_device = device if _accelerated(device) else None
         foreground = estimate_foreground(photo.rgb, alpha, device=on_device)
     with timings.stage("composite"):
         pixels = apply_effect(photo.rgb, foreground, alpha, request, background)

@@ -227,7 +227,10 @@ def _image(
                 background = decode_image(inputs.background, **limits).rgb
             except PermanentError as exc:
                 raise type(exc)(f"background image: {exc.message}") from None
-    alpha = alpha_for(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
+    device = batcher.segmenter.device
+    alpha = alpha_for(
+        photo, request, timings, segment=batcher.segment, coarse_mask=coarse, device=device
+    )
     rendered = render(
         photo,
         alpha,
@@ -235,7 +238,7 @@ def _image(
         timings,
         background=background,
         want_mask=request.mask_output is not None,
-        device=batcher.segmenter.device,
+        device=device,
     )
     return rendered, photo.size
 
