@@ -406,10 +406,11 @@ def _writable_location(client: Any, field: str, path: Path) -> tuple[str, Path |
     return location, None
 
 
-def _save(client: Any, location: str | None, dest: Path) -> Path:
+def _save(client: Any, location: str | None, dest: Path, *, folder: bool = False) -> Path:
+    """Write the object to `dest`, or into it (under the object's name) if it is a folder."""
     if location is None:
         raise InputNotFound("the job has no such output")
-    if dest.is_dir():
+    if folder or dest.is_dir():
         dest = dest / unquote(location.rsplit("/", 1)[-1])
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(client.storage.read(location))
@@ -418,11 +419,12 @@ def _save(client: Any, location: str | None, dest: Path) -> Path:
 
 @cli.command()
 @click.argument("job_id")
-@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.argument("dest", required=False, type=click.Path())
 @click.option("--mask", "want_mask", is_flag=True, help="the job's mask_output instead")
 @reports_errors
-def get(job_id: str, dest: Path | None, want_mask: bool) -> None:
-    """Download a succeeded job's output to DEST (a file or a folder) [default: the cwd]."""
+def get(job_id: str, dest: str | None, want_mask: bool) -> None:
+    """Download a succeeded job's output to DEST: a file, or a folder (one that exists or
+    ends in '/') that gets the output's own name [default: the cwd]."""
     from producer.client import Client
 
     client = Client()
@@ -434,7 +436,8 @@ def get(job_id: str, dest: Path | None, want_mask: bool) -> None:
     location = record["mask_output"] if want_mask else record["output"]
     if want_mask and location is None:
         raise InputNotFound(f"job {record['id']} wrote no mask (submit with --mask-output)")
-    click.echo(str(_save(client, location, dest or Path.cwd())))
+    folder = dest is None or dest.endswith("/")
+    click.echo(str(_save(client, location, Path(dest or "."), folder=folder)))
 
 
 @cli.command()

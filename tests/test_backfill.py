@@ -28,7 +28,7 @@ from sqlalchemy import func, select, text
 
 from producer import jobs
 from producer.api import create_app
-from producer.backfill import Backfills, from_settings
+from producer.backfill import Backfills, BackfillUnreachable, from_settings
 from producer.db import get_engine, session_scope
 from producer.models import Backfill, Job
 from producer.settings import Settings
@@ -456,3 +456,45 @@ def test_a_real_worker_processes_a_small_backfill_end_to_end(
     for job in jobs_of(settings, record["id"]):
         assert job.model_name == "deeplabv3_mobilenet_v3_large"
         assert Image.open(io.BytesIO(engine.storage.read(job.output))).size == (48, 48)
+
+
+def test_photos_whose_names_differ_only_in_extension_get_distinct_outputs(
+    engine: Backfills, settings: Settings, s3_server: str, photo_bucket: str, out: str
+) -> None:
+    prefix = f"same-stem-{uuid.uuid4().hex[:6]}/"
+    names = ["cat.jpg", "cat.png", "dog.PNG"]
+    upload_many(
+        s3_server, photo_bucket, {prefix + name: tiny_png(i) for i, name in enumerate(names)}
+    )
+    source = f"s3://{photo_bucket}/{prefix}"
+
+    counted = engine.dry_run(source, out, {})
+    with FakeWorker(settings, out):
+        record = run_backfill(engine, source, out)
+
+    assert counted == {"listed": 3, "would_skip": 0, "would_submit": 3}
+    assert record["status"] == "completed" and record["counts"]["succeeded"] == 3
+    assert {
+        job.input.rsplit("/", 1)[-1]: job.output for job in jobs_of(settings, record["id"])
+    } == {
+        "cat.jpg": f"{out}/cat.jpg.png",
+        "cat.png": f"{out}/cat.png",
+        "dog.PNG": f"{out}/dog.PNG.png",
+    }
+
+
+def test_a_backfill_whose_first_jobs_all_fail_access_denied_stops_and_cancels_the_rest(
+    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+) -> None:
+    created = engine.create(f"s3://{photo_bucket}/photos/", out, {}, 40)
+
+    refusing = FakeWorker(settings, out, failure=lambda _job: "access_denied")
+    expected = pytest.raises(BackfillUnreachable, match=r"first \d+ jobs all failed access_denied")
+    with refusing, expected:
+        engine.run(created["id"])
+
+    record = engine.get(created["id"])
+    assert record["status"] == "failed" and "--resume" in record["error"]
+    assert record["counts"]["submitted"] < PHOTOS
+    statuses = {job.status for job in jobs_of(settings, created["id"])}
+    assert statuses <= {"failed", "canceled"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -229,3 +230,142 @@ def test_stdin_to_stdout_and_the_extension_picks_the_format(
     webp = run(["process", "a.jpg", "out.webp"], env, here)
     assert webp.returncode == 0, webp.stderr
     assert Image.open(here / "out.webp").format == "WEBP"
+
+
+# --- jobs through a real worker: submit, get, backfill -----------------------------------
+
+
+def test_submit_wait_prints_the_id_first_and_where_the_output_went_and_get_fetches_it(
+    served_env: dict[str, str], here: Path
+) -> None:
+    finished = run(["submit", "a.jpg", "--wait"], served_env, here)
+    assert finished.returncode == 0, finished.stderr
+    job_id = finished.stderr.split()[0]
+    assert finished.stdout.split()[:2] == [job_id, "succeeded"]
+    shown = Path(finished.stdout.split()[2])
+    assert shown.is_file() and shown.suffix == ".png"
+
+    fetched = run(["get", job_id, "copies/"], served_env, here, input="")
+    assert fetched.returncode == 0, fetched.stderr
+    assert (here / "copies" / shown.name).read_bytes() == shown.read_bytes()
+
+
+def test_submit_output_takes_a_path_relative_to_the_cwd(
+    served_env: dict[str, str], here: Path
+) -> None:
+    finished = run(["submit", "a.jpg", "--output", "res.jpg"], served_env, here)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split()[1:] == ["succeeded", "res.jpg"]
+    assert Image.open(here / "res.jpg").format == "JPEG"
+
+
+def test_a_backfill_over_colliding_names_processes_every_photo_as_its_dry_run_said(
+    served_env: dict[str, str], served: Path, here: Path
+) -> None:
+    folder = served / "inputs" / f"collide-{here.name}"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(photo_bytes(10))
+    (folder / "cat.png").write_bytes(photo_bytes(20, "PNG"))
+    (folder / "my dog.png").write_bytes(photo_bytes(40, "PNG"))
+    out = served / "outputs" / f"collide-{here.name}"
+    args = ["backfill", str(folder), "--output-prefix", str(out)]
+
+    dry = run([*args, "--dry-run"], served_env, here)
+    finished = run(args, served_env, here, stdin=subprocess.DEVNULL)
+
+    assert dry.stdout.strip() == "listed 3 · would_skip 0 · would_submit 3"
+    assert finished.returncode == 0, finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "succeeded 3 · failed 0" in finished.stderr  # the counts, without a terminal
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "cat.jpg.png",
+        "cat.png",
+        "my dog.png",
+    ]
+
+
+def test_a_backfill_with_failed_photos_exits_non_zero_and_names_its_report(
+    served_env: dict[str, str], served: Path, here: Path
+) -> None:
+    folder = served / "inputs" / f"some-bad-{here.name}"
+    folder.mkdir(parents=True)
+    (folder / "good.png").write_bytes(photo_bytes(10, "PNG"))
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    out = served / "outputs" / f"some-bad-{here.name}"
+
+    finished = run(["backfill", str(folder), "--output-prefix", str(out)], served_env, here)
+
+    assert finished.returncode == 1
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.startswith("jobs_failed: 1 of 2 photos failed; their errors: ")
+    assert Path(last.rsplit(" ", 1)[-1]).is_file()
+    assert (out / "good.png").is_file()
+
+
+def test_a_backfill_of_a_missing_folder_is_an_error_not_zero_photos(
+    served_env: dict[str, str], served: Path, here: Path
+) -> None:
+    finished = run(
+        ["backfill", str(served / "inputs" / "nope"), "--output-prefix", str(served / "outputs")],
+        served_env,
+        here,
+    )
+    assert finished.returncode == 1
+    assert finished.stderr.startswith("input_not_found: ") and "no files there" in finished.stderr
+
+
+def test_local_roots_set_for_the_cli_alone_keep_submit_working_and_fail_a_backfill_fast(
+    served_env: dict[str, str], here: Path
+) -> None:
+    photos = here / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.png").write_bytes(photo_bytes(i * 50, "PNG"))
+    cli_only = served_env | {"BACKDROP_LOCAL_ROOTS": f"{photos},{here / 'out'}"}
+
+    submitted = run(["submit", "a.jpg", "--wait"], cli_only, here)
+    backfilled = run(["backfill", "photos", "--output-prefix", "out"], cli_only, here)
+
+    assert submitted.returncode == 0, submitted.stderr
+    assert backfilled.returncode == 1
+    message = backfilled.stderr.strip().splitlines()[-1]
+    assert message.startswith("backfill_failed: its first 3 jobs all failed access_denied")
+    assert "BACKDROP_LOCAL_ROOTS" in message and "--resume" in message
+    assert "Traceback" not in backfilled.stderr
+
+
+# --- waiting with no worker --------------------------------------------------------------
+
+
+def test_submit_wait_with_no_worker_warns_and_times_out_naming_the_job(
+    env: dict[str, str], here: Path
+) -> None:
+    finished = run(["submit", "a.jpg", "--wait", "--timeout", "6"], env, here)
+
+    assert finished.returncode == 1
+    lines = finished.stderr.strip().splitlines()
+    job_id = lines[0].split()[0]
+    assert lines[0] == f"{job_id} queued: waiting (Ctrl-C stops waiting)"
+    assert lines[1].startswith("warning: still queued after 5s: is a worker running")
+    assert lines[-1] == (
+        f"timeout: job {job_id} is still queued after 6s; it stays queued: backdrop status {job_id}"
+    )
+
+
+def test_ctrl_c_while_waiting_says_how_to_follow_the_job(env: dict[str, str], here: Path) -> None:
+    waiting = subprocess.Popen(
+        [str(BACKDROP), "submit", "a.jpg", "--wait"],
+        env={**os.environ, **env},
+        cwd=here,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert waiting.stderr is not None
+    first = waiting.stderr.readline()
+    waiting.send_signal(signal.SIGINT)
+    rest = waiting.stderr.read()
+    waiting.wait(timeout=30)
+
+    job_id = first.split()[0]
+    assert waiting.returncode == 130
+    assert f"backdrop status {job_id}" in rest and "Traceback" not in rest
