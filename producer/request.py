@@ -198,8 +198,10 @@ def parse_request(data: dict[str, Any]) -> JobRequest:
     except BackdropError:
         raise
     except ValidationError as exc:
+        # pydantic prefixes our validators' messages with "Value error, ": not for users.
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: "
+            + err["msg"].removeprefix("Value error, ")
             for err in exc.errors()
         )
         raise InvalidRequest(problems) from None

@@ -369,3 +369,11 @@ def test_ctrl_c_while_waiting_says_how_to_follow_the_job(env: dict[str, str], he
     job_id = first.split()[0]
     assert waiting.returncode == 130
     assert f"backdrop status {job_id}" in rest and "Traceback" not in rest
+
+
+def test_a_refused_request_reads_without_pydantics_prefix(env: dict[str, str], here: Path) -> None:
+    finished = run(["submit", "a.jpg", "--effect", "replace"], env, here)
+    assert finished.returncode == 1
+    assert finished.stderr == (
+        "invalid_request: request: effect 'replace' needs background: the location of an image\n"
+    )
