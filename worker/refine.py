@@ -38,6 +38,11 @@ RAMP_SHARE = 4 / 1200
 # subject's and background's models (in units of their variance) over SEPARATION.
 COLOUR_CELLS = 65
 COLOUR_SIGMA = 1.0
+# A second, wide Gaussian (FAR_SIGMA cells) with a small weight (FAR_SHARE) reaches the middle
+# of a wide soft band (hair, spokes), where no sure pixel lies within a cell or two: near
+# statistics dominate wherever they exist, the far ones fill in where they don't.
+FAR_SIGMA = 6.0
+FAR_SHARE = 0.1
 COLOUR_NOISE = 1e-3
 SEPARATION = 40.0
 # The matting solve: a strip STRIP_RADIUS working pixels either side of the edge.
@@ -132,7 +137,7 @@ def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...
     second = cv2.resize(
         _channel_sum(np.square(guide)) * weight, cells, interpolation=cv2.INTER_AREA
     )
-    seen, first, second = (cv2.GaussianBlur(x, (0, 0), COLOUR_SIGMA) for x in (seen, first, second))
+    seen, first, second = (_spread(x) for x in (seen, first, second))
     mean = first / np.maximum(seen, 1e-6)[:, :, None]
     var = np.maximum(second / np.maximum(seen, 1e-6) - _channel_sum(np.square(mean)), 0) / 3
     var += COLOUR_NOISE
@@ -141,6 +146,11 @@ def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...
         return cv2.resize(x, (width, height), interpolation=cv2.INTER_LINEAR)
 
     return up(mean), up(var), up(seen)
+
+
+def _spread(x: np.ndarray) -> np.ndarray:
+    near = cv2.GaussianBlur(x, (0, 0), COLOUR_SIGMA)
+    return near + FAR_SHARE * cv2.GaussianBlur(x, (0, 0), FAR_SIGMA)
 
 
 def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np.ndarray:
