@@ -45,6 +45,13 @@ FAR_SIGMA = 6.0
 FAR_SHARE = 0.1
 COLOUR_NOISE = 1e-3
 SEPARATION = 40.0
+# Where the reference itself disagrees with the mask on the mask's grid by more than
+# NEED_OFFSET (strands and spokes thinner than a cell: the mask says "some subject here", its
+# 0.5 contour drops it), only colour can say where the subject is; there colour is trusted
+# from a separation of NEEDED_SEPARATION already, fully NEED_RAMP further.
+NEED_OFFSET = 0.1
+NEED_RAMP = 0.1
+NEEDED_SEPARATION = 4.0
 # The matting solve: a strip STRIP_RADIUS working pixels either side of the edge.
 STRIP_RADIUS = 2
 MATTING_RADIUS = 1
@@ -123,8 +130,27 @@ def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> 
     ratio += np.log(odds / (1 - odds))
     probability = 1 / (1 + np.exp(-np.clip(ratio, -30, 30)))
     separation = _channel_sum(np.square(mean_f - mean_b)) / (var_f + var_b)
-    trust = np.clip(separation / SEPARATION, 0.0, 1.0) * ((seen_f > 1e-3) & (seen_b > 1e-3))
+    trust = np.maximum(
+        np.clip(separation / SEPARATION, 0.0, 1.0),
+        need(mask, reference) * np.clip(separation / NEEDED_SEPARATION, 0.0, 1.0),
+    )
+    trust *= (seen_f > 1e-3) & (seen_b > 1e-3)
     return reference + trust * (probability - reference)
+
+
+def need(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """0..1: how much the reference misses of the mask, on the mask's grid (see NEED_OFFSET)."""
+    missed = np.abs(_on_cells(reference, mask.shape) - _on_cells(mask, mask.shape))
+    need = np.clip((missed - NEED_OFFSET) / NEED_RAMP, 0.0, 1.0)
+    return cv2.resize(need, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def _on_cells(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """x area-averaged onto the mask's grid of MASK_CELLS along the long side."""
+    height, width = shape[:2]
+    scale = min(1.0, MASK_CELLS / max(height, width))
+    cells = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(x, cells, interpolation=cv2.INTER_AREA)
 
 
 def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -181,14 +207,9 @@ def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np
 
 def checked(matte: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """The matte, with the reference wherever it disagrees with the mask on the mask's grid."""
-    height, width = mask.shape
-    scale = min(1.0, MASK_CELLS / max(height, width))
-    cells = (max(1, round(width * scale)), max(1, round(height * scale)))
-    matte_cells = cv2.resize(matte, cells, interpolation=cv2.INTER_AREA)
-    mask_cells = cv2.resize(mask, cells, interpolation=cv2.INTER_AREA)
-    disagreement = np.abs(matte_cells - mask_cells)
+    disagreement = np.abs(_on_cells(matte, mask.shape) - _on_cells(mask, mask.shape))
     rejected = np.clip((disagreement - CHECK_TOLERANCE) / CHECK_RAMP, 0.0, 1.0)
-    rejected = cv2.resize(rejected, (width, height), interpolation=cv2.INTER_LINEAR)
+    rejected = cv2.resize(rejected, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
     return matte + rejected * (reference - matte)
 
 
