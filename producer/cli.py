@@ -314,7 +314,6 @@ def submit(input_location: str, wait: bool, timeout: float, as_json: bool, **opt
     if not (wait or fetch_to):
         _print_json(record) if as_json else click.echo(record["id"])
         return
-    click.echo(f"{record['id']} {record['status']}: waiting (Ctrl-C stops waiting)", err=True)
     record = _wait_for(client, record, timeout)
     if record["status"] == "succeeded":
         for key, path in fetch_to.items():
@@ -334,6 +333,7 @@ def _wait_for(client: Any, record: dict[str, Any], timeout: float) -> dict[str, 
     job_id = record["id"]
     started = time.monotonic()
     try:
+        click.echo(f"{job_id} {record['status']}: waiting (Ctrl-C stops waiting)", err=True)
         try:
             (record,) = client.wait([job_id], timeout=min(timeout, NO_WORKER_WARNING_S))
             return record

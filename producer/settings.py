@@ -126,6 +126,8 @@ class Settings(BaseSettings):
             self.output_prefix = (data / "outputs").as_uri()
         if not self.input_prefix:
             self.input_prefix = (data / "inputs").as_uri()
+        if not self.local_roots:
+            self.local_roots = [str(data / "inputs"), str(data / "outputs")]
         # Where `submit FILE` uploads and where results go by default are always roots, so
         # setting BACKDROP_LOCAL_ROOTS for photos elsewhere never breaks the everyday flow.
         own = [
