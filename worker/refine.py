@@ -45,6 +45,10 @@ FAR_SIGMA = 6.0
 FAR_SHARE = 0.1
 COLOUR_NOISE = 1e-3
 SEPARATION = 40.0
+# The subject's colour model also learns, with this weight, from where the mask is over 0.5
+# but not sure (parts thinner than a cell); the background's does not (strands would
+# contaminate it).
+THIN_SEED = 0.3
 # Where the reference itself disagrees with the mask on the mask's grid by more than
 # NEED_OFFSET (strands and spokes thinner than a cell: the mask says "some subject here", its
 # 0.5 contour drops it), only colour can say where the subject is; there colour is trusted
@@ -118,7 +122,9 @@ def reference_alpha(mask: np.ndarray) -> np.ndarray:
 
 def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Subject probability from colour and the mask's prior, trusted where colours separate."""
-    sure_fg = (mask >= BAND_HIGH).astype(np.float32)
+    # Thin parts (bars, legs) never reach BAND_HIGH: their own upper half seeds them weakly.
+    sure_fg = (mask >= BAND_HIGH) + THIN_SEED * np.clip((mask - 0.5) * 2, 0.0, 1.0)
+    sure_fg = sure_fg.astype(np.float32)
     sure_bg = (mask <= BAND_LOW).astype(np.float32)
     mean_f, var_f, seen_f = _local_model(guide, sure_fg)
     mean_b, var_b, seen_b = _local_model(guide, sure_bg)
