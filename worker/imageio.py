@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from producer.errors import InputTooLarge, InvalidImage, InvalidRequest, UnsupportedFormat
 
@@ -22,9 +23,14 @@ logger = logging.getLogger(__name__)
 # would otherwise refuse or warn on legitimate 100 MP photos with its own exception types.
 Image.MAX_IMAGE_PIXELS = None
 
+# HEIC/HEIF, what iPhones upload, through pillow-heif (libheif); Pillow reads AVIF itself.
+register_heif_opener()
+
 # MPO is what Pillow calls the JPEGs many phones and cameras write (a JPEG plus previews).
-ACCEPTED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF"})
-_ACCEPTED_LIST = "JPEG, PNG, WebP, TIFF, BMP, GIF"
+ACCEPTED_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF"}
+)
+_ACCEPTED_LIST = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, TIFF, BMP, GIF"
 
 # Wider than this is a strip, not a photo: segmentation and compositing would degenerate.
 MAX_ASPECT_RATIO = 100
