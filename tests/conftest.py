@@ -199,14 +199,20 @@ def __getattr__(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init DeepLabV3-MobileNetV3 state dict, shaped like the published file."""
+    """A random-init DeepLabV3-MobileNetV3 state dict, shaped like the published file, whose
+    masks vary with the photo and the classes (see tests/lively.py): with plain random init
+    every mask is one constant, and no test through a worker could see refinement or class
+    selection fail."""
     import torch
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    from tests.lively import calibrate_on_noise
 
     torch.manual_seed(0)
     model = deeplabv3_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=21, aux_loss=True
     )
+    calibrate_on_noise(model)
     path = tmp_path_factory.mktemp("weights") / "deeplabv3_mobilenet_v3_large-random.pth"
     torch.save(model.state_dict(), path)
     return path

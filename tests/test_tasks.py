@@ -308,3 +308,109 @@ def test_jobs_submitted_together_are_segmented_in_batches(
         if "segmenting a batch of" in line
     ]
     assert max(sizes) > 1
+
+
+@pytest.fixture(scope="module")
+def class_coverage(mobilenet_weights: Path, photo_paths: dict[str, Path]) -> dict[str, float]:
+    """Share of the astronaut photo each VOC class covers under the test weights, computed
+    in-process by the worker's own segmenter at the worker's settings."""
+    import numpy as np
+
+    from producer.request import FOREGROUND_CLASSES, VOC_CLASSES
+    from worker.segmenter import Segmenter
+
+    segmenter = Segmenter.load(
+        "deeplabv3_mobilenet_v3_large", weights=str(mobilenet_weights), device="cpu", input_size=256
+    )
+    rgb = np.asarray(Image.open(photo_paths["astronaut"]).convert("RGB"))
+    return {
+        name: float((segmenter.predict([rgb], [[VOC_CLASSES.index(name)]])[0] > 0.5).mean())
+        for name in FOREGROUND_CLASSES
+    }
+
+
+def _present_and_absent(coverage: dict[str, float]) -> tuple[str, str]:
+    present = max(coverage, key=coverage.__getitem__)
+    absent = next(name for name, share in coverage.items() if share == 0.0)
+    assert coverage[present] > 0.2, coverage
+    return present, absent
+
+
+def _pixels(client: Client, location: str) -> Any:
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(client.storage.read(location))))
+
+
+def test_refinement_runs_and_the_saved_mask_is_the_alpha_of_the_cut_out(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    location = _upload(client, bucket, "in/refined.png", photo_bytes["astronaut"])
+    record = client.submit(
+        input=location,
+        background="transparent",
+        mask_output=f"s3://{bucket}/masks/refined-{uuid.uuid4().hex}.png",
+    )
+    (done,) = client.wait([record["id"]], timeout=300)
+    assert done["status"] == "succeeded", done
+    mask = _pixels(client, done["mask_output"])
+    cut_out = _pixels(client, done["output"])
+    # A mask that varies with the photo, with a soft edge only a refinement solve produces.
+    assert 0.05 < (mask > 127).mean() < 0.95
+    soft = (mask > 0) & (mask < 255)
+    assert 0 < soft.mean() < 0.2
+    assert (cut_out[:, :, 3] == mask).all()
+
+
+def test_the_selected_classes_change_the_mask(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+    class_coverage: dict[str, float],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    present, absent = _present_and_absent(class_coverage)
+    location = _upload(client, bucket, "in/classes.png", photo_bytes["astronaut"])
+    records = client.submit_many(
+        [
+            {
+                "input": location,
+                "classes": [name],
+                "mask_output": f"s3://{bucket}/masks/classes-{name}-{uuid.uuid4().hex}.png",
+            }
+            for name in (present, absent)
+        ]
+    )
+    with_subject, without = client.wait([r["id"] for r in records], timeout=300)
+    assert with_subject["status"] == without["status"] == "succeeded"
+    assert (_pixels(client, with_subject["mask_output"]) > 127).mean() > 0.2
+    assert (_pixels(client, without["mask_output"]) > 127).mean() < 0.001
+    assert with_subject["foreground_fraction"] > 0.2 > without["foreground_fraction"]
+
+
+def test_a_photo_without_the_selected_classes_ends_no_subject_when_asked_to_fail(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+    class_coverage: dict[str, float],
+) -> None:
+    present, absent = _present_and_absent(class_coverage)
+    location = _upload(client, pipeline_env["BUCKET"], "in/nosubj.png", photo_bytes["astronaut"])
+    records = client.submit_many(
+        [
+            {"input": location, "classes": [absent], "fail_on_no_subject": True},
+            {"input": location, "classes": [present], "fail_on_no_subject": True},
+        ]
+    )
+    refused, kept = client.wait([r["id"] for r in records], timeout=300)
+    assert refused["status"] == "failed"
+    assert refused["error"]["code"] == "no_subject"
+    assert absent in refused["error"]["message"]
+    assert not client.storage.exists(refused["output"])
+    assert kept["status"] == "succeeded"
