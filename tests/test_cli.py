@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -377,3 +378,21 @@ def test_a_refused_request_reads_without_pydantics_prefix(env: dict[str, str], h
     assert finished.stderr == (
         "invalid_request: request: effect 'replace' needs background: the location of an image\n"
     )
+
+
+def test_the_demo_labels_its_photos_columns_and_white_versus_transparent(
+    env: dict[str, str], here: Path
+) -> None:
+    from worker.demo import COLUMNS, HEADER, PHOTOS, THUMB
+
+    finished = run(["demo", "--output-dir", "shown"], env, here)
+
+    # Random weights may find no subject in a photo; the sheet is drawn either way.
+    assert "Traceback" not in finished.stderr, finished.stderr
+    assert "chelsea: Chelsea the cat" in finished.stdout
+    assert "remove-white" in finished.stdout and "remove-transparent" in finished.stdout
+    sheet = Image.open(here / "shown" / "contact-sheet.png")
+    assert sheet.size == (THUMB * len(COLUMNS), HEADER + THUMB * len(PHOTOS))
+    header = np.asarray(sheet.convert("L"))[:HEADER]
+    for column in range(len(COLUMNS)):  # each column's name is drawn: dark text on white
+        assert header[:, column * THUMB : (column + 1) * THUMB].min() < 128

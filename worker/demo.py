@@ -31,6 +31,13 @@ from worker.runner import preflight
 log = logging.getLogger(__name__)
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png")
+# What scikit-image's sample photos show (its documentation's words, shortened).
+PHOTO_DESCRIPTIONS = (
+    "astronaut: Eileen Collins, NASA portrait",
+    "chelsea: Chelsea the cat",
+    "coffee: a cup of coffee (no VOC class: expect little or no subject)",
+    "motorcycle_left: a motorcycle (stereo pair, left view)",
+)
 BACKGROUND = "hubble_deep_field.jpg"
 EFFECTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("remove-white", {"effect": "remove"}),
@@ -39,7 +46,18 @@ EFFECTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("blur", {"effect": "blur", "blur_strength": 0.6}),
     ("desaturate", {"effect": "desaturate"}),
 )
+# The contact sheet's header: one name per column, effect and background.
+COLUMNS = (
+    "original",
+    "mask",
+    "remove on white",
+    "remove, transparent",
+    "replace: Hubble field",
+    "blur 0.6",
+    "desaturate",
+)
 THUMB = 220
+HEADER = 32
 
 
 class DemoFailed(BackdropError):
@@ -69,7 +87,9 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
         location = join(settings.input_prefix, f"demo-{run_id}/{name}")
         storage.upload_file(photos / name, location)
         inputs[name] = location
-    echo(f"uploaded {len(inputs)} photos to {settings.input_prefix}")
+    echo(f"uploaded {len(inputs)} photos to {settings.input_prefix}:")
+    for description in PHOTO_DESCRIPTIONS:
+        echo(f"  {description}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     worker_log = output_dir / "worker.log"
@@ -86,7 +106,7 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
             _stop(worker)
     from producer.cli import format_table
 
-    echo(format_table(records))
+    echo(format_table(records, labels=[label for _ in PHOTOS for label, _ in EFFECTS]))
     sheet = _contact_sheet(records, inputs, output_dir)
     succeeded = sum(r["status"] == JobStatus.SUCCEEDED for r in records)
     echo(f"\n{succeeded}/{len(records)} jobs succeeded in {time.monotonic() - started:.1f}s")
@@ -167,16 +187,41 @@ def _decode_any(data: bytes) -> np.ndarray:
     return cv2.cvtColor(array, code)
 
 
+def _header() -> np.ndarray:
+    """A white strip naming each column (transparent outputs show over a checkerboard)."""
+    strip = np.full((HEADER, THUMB * len(COLUMNS), 3), 255, np.uint8)
+    for column, name in enumerate(COLUMNS):
+        cv2.putText(
+            strip,
+            name,
+            (column * THUMB + 8, HEADER - 11),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5,
+            (30, 30, 30),
+            1,
+            cv2.LINE_AA,
+        )
+    return strip
+
+
+def _mask_tile(storage: Any, record: dict[str, Any]) -> np.ndarray:
+    if record["status"] != JobStatus.SUCCEEDED or not record["mask_output"]:
+        return np.full((THUMB, THUMB, 3), (255, 200, 200), np.uint8)
+    mask = cv2.imdecode(np.frombuffer(storage.read(record["mask_output"]), np.uint8), 0)
+    return _thumbnail(np.repeat(mask[..., None], 3, axis=2))
+
+
 def _contact_sheet(records: list[dict[str, Any]], inputs: dict[str, str], output_dir: Path) -> Path:
-    """One row per photo: the original, then each effect's output; saves the outputs too."""
+    """A header row naming the columns, then one row per photo: the original, its mask,
+    then each effect's output; saves the outputs too."""
     storage = get_storage()
-    rows = []
+    rows = [_header()]
     by_input: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_input.setdefault(record["input"], []).append(record)
     for photo in PHOTOS:
         original = decode_image(storage.read(inputs[photo]), max_pixels=10**9, max_bytes=10**9).rgb
-        tiles = [_thumbnail(original)]
+        tiles = [_thumbnail(original), _mask_tile(storage, by_input[inputs[photo]][0])]
         for (label, _), record in zip(EFFECTS, by_input[inputs[photo]], strict=True):
             if record["status"] != JobStatus.SUCCEEDED:
                 tiles.append(np.full((THUMB, THUMB, 3), (255, 200, 200), np.uint8))
