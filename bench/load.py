@@ -157,10 +157,8 @@ def main() -> None:
     import subprocess
     import tempfile
 
-    import torch
-    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
-
     from tests.conftest import S3_TEST_CREDENTIALS, free_port, poll_until
+    from tests.lively import save_lively_mobilenet
     from tests.stack import build_stack
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -172,12 +170,8 @@ def main() -> None:
 
     os.environ.update(S3_TEST_CREDENTIALS)
     folder = Path(tempfile.mkdtemp(prefix="backdrop-load-"))
-    weights = folder / "mobilenet-random.pth"
-    torch.manual_seed(0)
-    model = deeplabv3_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
-    )
-    torch.save(model.state_dict(), weights)
+    # Lively weights: masks vary with the photo, so refinement does its full work.
+    weights = save_lively_mobilenet(folder / "mobilenet-random.pth")
     port = free_port()
     moto = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -203,19 +203,10 @@ def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     masks vary with the photo and the classes (see tests/lively.py): with plain random init
     every mask is one constant, and no test through a worker could see refinement or class
     selection fail."""
-    import torch
-    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+    from tests.lively import save_lively_mobilenet
 
-    from tests.lively import calibrate_on_noise
-
-    torch.manual_seed(0)
-    model = deeplabv3_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
-    )
-    calibrate_on_noise(model)
-    path = tmp_path_factory.mktemp("weights") / "deeplabv3_mobilenet_v3_large-random.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    folder = tmp_path_factory.mktemp("weights")
+    return save_lively_mobilenet(folder / "deeplabv3_mobilenet_v3_large-random.pth")
 
 
 # --- S3: moto's server as a real HTTP endpoint on loopback ------------------------------

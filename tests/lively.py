@@ -7,6 +7,8 @@ statistics measured on noise (a data-dependent init) bring the activations back.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -20,3 +22,16 @@ def calibrate_on_noise(model: torch.nn.Module, side: int = 128) -> torch.nn.Modu
     with torch.no_grad():
         model(torch.randn(4, 3, side, side))
     return model.eval()
+
+
+def save_lively_mobilenet(path: Path) -> Path:
+    """A DeepLabV3-MobileNetV3 state dict, shaped like the published file, whose masks vary
+    with the photo and the classes: what every real worker in tests and benchmarks runs."""
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
+    torch.save(calibrate_on_noise(model).state_dict(), path)
+    return path
