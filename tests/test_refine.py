@@ -8,7 +8,14 @@ import pytest
 import skimage.data
 
 from worker.matting import TorchBackend
-from worker.refine import checked, reference_alpha, refine_mask
+from worker.refine import (
+    checked,
+    colour_evidence,
+    moved_mask,
+    reference_alpha,
+    refine_mask,
+    working_size,
+)
 
 
 def step_scene(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,16 +137,40 @@ def test_the_check_keeps_a_matte_that_sharpens_the_mask() -> None:
     assert np.array_equal(checked(sharp, mask, reference_alpha(mask)), sharp)
 
 
-def test_a_mask_one_cell_too_large_is_no_worse_than_the_tutorial() -> None:
+def grown_by_a_cell(truth: np.ndarray) -> np.ndarray:
+    """The truth as a model over-reaching by one of its cells would see it."""
+    cell = round(8 * truth.shape[1] / 520)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cell + 1,) * 2)
+    return model_view(cv2.dilate(truth, kernel))
+
+
+def working_view(soft: np.ndarray, guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mask and photo at the size refine_mask works at, as it scales them."""
+    size = working_size(guide.shape[1], guide.shape[0])
+    small = cv2.resize(guide, size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    return cv2.resize(soft, size, interpolation=cv2.INTER_LINEAR), small
+
+
+def test_a_mask_one_cell_too_large_is_pulled_back_onto_the_subject() -> None:
     width, height = 1024, 768
     guide, truth, _ = photo_composite(
         skimage.data.astronaut(), skimage.data.coffee(), width, height
     )
-    cell = round(8 * width / 520)
-    grown = cv2.dilate(truth, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cell + 1,) * 2))
-    soft = model_view(grown)
+    soft = grown_by_a_cell(truth)
     refined = refine_mask(soft, guide).astype(np.float32) / 255
-    assert sad(refined, truth) <= sad(tutorial_alpha(soft, width, height), truth)
+    assert sad(refined, truth) <= 0.5 * sad(tutorial_alpha(soft, width, height), truth)
+
+
+def test_a_mask_one_cell_too_large_stays_where_colours_cannot_tell() -> None:
+    rng = np.random.default_rng(11)
+    lawn, other_lawn = (
+        np.clip(rng.normal((70, 140, 50), 25, (512, 512, 3)), 0, 255).astype(np.uint8)
+        for _ in range(2)
+    )
+    guide, truth, _ = photo_composite(lawn, other_lawn, 1024, 768)
+    mask, small = working_view(grown_by_a_cell(truth), guide)
+    llr, _ = colour_evidence(small, mask)
+    assert moved_mask(mask, llr) is mask
 
 
 def test_a_small_hard_supplied_mask_is_refined_onto_the_edges() -> None:

@@ -45,6 +45,14 @@ FAR_SIGMA = 6.0
 FAR_SHARE = 0.1
 COLOUR_NOISE = 1e-3
 SEPARATION = 40.0
+# A mask off by a cell or so (a model over-reaching, under-reaching or misplacing the subject)
+# is moved first: eroded or dilated by MOVE_CELLS of its cells, or shifted by one cell, where
+# the pixels that change side agree with the move by MOVE_EVIDENCE nats of the colour models'
+# likelihood ratio on average (each pixel's clipped at EVIDENCE_CLIP). Where subject and
+# background colours match, no move has that evidence and the mask stays as it is.
+MOVE_CELLS = (0.5, 1.0)
+MOVE_EVIDENCE = 0.3
+EVIDENCE_CLIP = 4.0
 # The subject's colour model also learns, with this weight, from where the mask is over 0.5
 # but not sure (parts thinner than a cell); the background's does not (strands would
 # contaminate it).
@@ -91,9 +99,14 @@ def refine_mask(
     work_w, work_h = working_size(width, height)
     small_guide = _resize(guide, work_w, work_h).astype(np.float32) * (1 / 255)
     mask = np.clip(_resize(soft, work_w, work_h), 0.0, 1.0)
+    llr, separation = colour_evidence(small_guide, mask)
+    moved = moved_mask(mask, llr)
+    if moved is not mask:
+        mask = moved
+        llr, separation = colour_evidence(small_guide, mask)
     reference = reference_alpha(mask)
     band = (mask > BAND_LOW) & (mask < BAND_HIGH)
-    coloured = np.where(band, colour_alpha(small_guide, mask, reference), reference)
+    coloured = np.where(band, colour_alpha(llr, separation, mask, reference), reference)
     backend = backend or NumpyBackend()
     channels = np.ascontiguousarray(small_guide.transpose(2, 0, 1))
     matte = matte_strip(channels, checked(coloured, mask, reference), backend)
@@ -120,8 +133,10 @@ def reference_alpha(mask: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + (mask - 0.5) / slope, 0.0, 1.0)
 
 
-def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Subject probability from colour and the mask's prior, trusted where colours separate."""
+def colour_evidence(guide: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: the log-likelihood ratio of its colour under the local subject and background
+    models, and the two models' separation (squared distance of means over summed variances);
+    both 0 where either model has no pixels to learn from."""
     # Thin parts (bars, legs) never reach BAND_HIGH: their own upper half seeds them weakly.
     sure_fg = (mask >= BAND_HIGH) + THIN_SEED * np.clip((mask - 0.5) * 2, 0.0, 1.0)
     sure_fg = sure_fg.astype(np.float32)
@@ -130,17 +145,57 @@ def colour_alpha(guide: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> 
     mean_b, var_b, seen_b = _local_model(guide, sure_bg)
     dist_f = _channel_sum(np.square(guide - mean_f))
     dist_b = _channel_sum(np.square(guide - mean_b))
-    # Isotropic Gaussian log-likelihood ratio plus the mask's own log-odds as the prior.
-    ratio = dist_b / (2 * var_b) - dist_f / (2 * var_f) + 1.5 * np.log(var_b / var_f)
-    odds = np.clip(mask, 1e-3, 1 - 1e-3)
-    ratio += np.log(odds / (1 - odds))
-    probability = 1 / (1 + np.exp(-np.clip(ratio, -30, 30)))
+    # Isotropic Gaussians.
+    llr = dist_b / (2 * var_b) - dist_f / (2 * var_f) + 1.5 * np.log(var_b / var_f)
     separation = _channel_sum(np.square(mean_f - mean_b)) / (var_f + var_b)
+    seen = (seen_f > 1e-3) & (seen_b > 1e-3)
+    return llr * seen, separation * seen
+
+
+def moved_mask(mask: np.ndarray, llr: np.ndarray) -> np.ndarray:
+    """The mask, or the one move of it (see MOVE_CELLS) whose flipped pixels' colours agree
+    with it by more than MOVE_EVIDENCE on average and most in total."""
+    evidence = np.clip(llr, -EVIDENCE_CLIP, EVIDENCE_CLIP)
+    inside = (mask > 0.5).astype(np.float32)
+    best, best_total = mask, 0.0
+    for candidate in _moves(mask):
+        flip = (candidate > 0.5).astype(np.float32) - inside
+        flipped = float(np.abs(flip).sum())
+        total = float((flip * evidence).sum())
+        if flipped > 0 and total / flipped >= MOVE_EVIDENCE and total > best_total:
+            best, best_total = candidate, total
+    return best
+
+
+def _moves(mask: np.ndarray) -> list[np.ndarray]:
+    """The mask eroded and dilated by each of MOVE_CELLS, and shifted by one cell each way."""
+    cell = max(mask.shape) / MASK_CELLS
+    moves = []
+    for cells in MOVE_CELLS:
+        size = 2 * max(1, round(cells * cell)) + 1
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+        moves += [cv2.erode(mask, kernel), cv2.dilate(mask, kernel)]
+    step = round(cell)
+    for dx in (-step, 0, step):
+        for dy in (-step, 0, step):
+            if dx or dy:
+                shift = np.float32([[1, 0, dx], [0, 1, dy]])
+                size = mask.shape[::-1]
+                moves.append(cv2.warpAffine(mask, shift, size, borderMode=cv2.BORDER_REPLICATE))
+    return moves
+
+
+def colour_alpha(
+    llr: np.ndarray, separation: np.ndarray, mask: np.ndarray, reference: np.ndarray
+) -> np.ndarray:
+    """Subject probability from colour and the mask's prior, trusted where colours separate."""
+    odds = np.clip(mask, 1e-3, 1 - 1e-3)
+    ratio = llr + np.log(odds / (1 - odds))  # the mask's own log-odds as the prior
+    probability = 1 / (1 + np.exp(-np.clip(ratio, -30, 30)))
     trust = np.maximum(
         np.clip(separation / SEPARATION, 0.0, 1.0),
         need(mask, reference) * np.clip(separation / NEEDED_SEPARATION, 0.0, 1.0),
     )
-    trust *= (seen_f > 1e-3) & (seen_b > 1e-3)
     return reference + trust * (probability - reference)
 
 
