@@ -516,7 +516,7 @@ def test_sigterm_lets_a_worker_finish_its_jobs_in_hand_and_leaves_the_rest_queue
 
     worker.terminate()
     poll_until(
-        lambda: "shutdown (MainProcess)" in worker.log(),
+        lambda: "shutdown (MainProcess)" in worker.log() or not worker.alive,
         timeout=WAIT_S,
         what="the worker to take the signal",
     )
