@@ -16,7 +16,10 @@ whatever chunk or run each lands in, and the name alone says which photo an outp
 
 Skipping: a job's fingerprint hashes what determines its output (input location and ETag,
 effect, parameters, model, output location). A photo whose fingerprint belongs to a job that
-succeeded or is still in flight is skipped; failed and canceled ones are processed again.
+succeeded or is still in flight is skipped, and so is one that failed for a reason in the
+photo itself (PHOTO_FAILURES: the same bytes would fail again); other failures (access,
+storage, a lost worker) and canceled ones are processed again. A changed photo has a new
+ETag, hence a new fingerprint, and is processed.
 
 Backpressure: before each chunk the engine waits until its in-flight jobs (queued or running)
 plus the chunk fit under `max_in_flight`; between chunks it reads its status, so a pause or
@@ -42,7 +45,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from producer import broker, jobs
@@ -67,6 +70,8 @@ log = logging.getLogger(__name__)
 PER_PHOTO_FIELDS = ("input", "output", "mask_output", "mask", "idempotency_key")
 # A photo is skipped when a job with its fingerprint is in one of these.
 SKIP_STATUSES = (JobStatus.SUCCEEDED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# Failures the same photo meets every time: a re-run records them done (failed) and skips.
+PHOTO_FAILURES = ("invalid_image", "unsupported_format", "input_too_large", "no_subject")
 IN_FLIGHT = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 RESUMABLE = (BackfillStatus.RUNNING.value, BackfillStatus.PAUSED.value, BackfillStatus.FAILED.value)
 PLACEHOLDER_INPUT = "s3://backfill/placeholder"
@@ -258,7 +263,11 @@ def plan(template: JobRequest, item: Item, output_prefix: str, model: str) -> Pl
 def _already_done(session: Session, planned: list[Planned]) -> set[str]:
     prints = [p.fingerprint for p in planned]
     query = select(Job.fingerprint).where(
-        Job.fingerprint.in_(prints), Job.status.in_(SKIP_STATUSES)
+        Job.fingerprint.in_(prints),
+        or_(
+            Job.status.in_(SKIP_STATUSES),
+            (Job.status == JobStatus.FAILED.value) & Job.error_code.in_(PHOTO_FAILURES),
+        ),
     )
     return set(session.scalars(query))
 
@@ -340,9 +349,9 @@ class Backfills:
         options: dict[str, Any],
         max_in_flight: int | None = None,
     ) -> dict[str, Any]:
-        template = self._check(source, output_prefix, options)
         if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
             raise InvalidRequest(f"max_in_flight: expected an integer from 1 to {MAX_IN_FLIGHT}")
+        template = self._check(source, output_prefix, options)
         moment = jobs.now()
         backfill = Backfill(
             id=str(uuid.uuid4()),

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from producer.errors import (
     AccessDenied,
     BackdropError,
+    BackgroundNotFound,
     InputNotFound,
     InvalidRequest,
     InvalidTransition,
@@ -298,10 +299,10 @@ def submit(input_location: str, wait: bool, timeout: float, as_json: bool, **opt
 
     client = Client()
     fields = request_fields(**options)
-    fields["input"] = _as_location(client, input_location)
+    fields["input"] = _as_location(client, input_location, "input")
     for key in ("background", "mask"):
         if fields.get(key) and not fields[key].startswith("#") and fields[key] != "transparent":
-            fields[key] = _as_location(client, fields[key])
+            fields[key] = _as_location(client, fields[key], key)
     fetch_to: dict[str, Path] = {}
     for key in ("output", "mask_output"):
         if fields.get(key) and "://" not in fields[key]:
@@ -378,12 +379,13 @@ def _no_worker_hint(client: Any, queue: str) -> str:
     )
 
 
-def _as_location(client: Any, value: str) -> str:
+def _as_location(client: Any, value: str, what: str) -> str:
     if "://" in value:
         return value
     path = Path(value)
     if not path.is_file():
-        raise InputNotFound(f"{value} is neither a location (s3://, file://) nor a local file")
+        missing = BackgroundNotFound if what == "background" else InputNotFound
+        raise missing(f"{what} {value} is neither a location (s3://, file://) nor a local file")
     from producer.storage import join
 
     location = join(client.settings.input_prefix, f"{uuid.uuid4().hex}-{path.name}")
@@ -428,7 +430,7 @@ def get(job_id: str, dest: str | None, want_mask: bool) -> None:
     from producer.client import Client
 
     client = Client()
-    record = client.get(job_id)
+    record = client.get(client.resolve_id(job_id))
     if record["status"] != "succeeded":
         raise InvalidTransition(
             f"job {record['id']} is {record['status']}; only a succeeded job has an output"
@@ -448,7 +450,8 @@ def status(job_id: str, as_json: bool) -> None:
     """Show one job."""
     from producer.client import Client
 
-    record = Client().get(job_id)
+    client = Client()
+    record = client.get(client.resolve_id(job_id))
     if as_json:
         _print_json(record)
         return
@@ -515,7 +518,7 @@ def retry(job_id: str | None, all_failed: bool, overwrite: bool) -> None:
     if all_failed:
         records = client.retry_failed()
     else:
-        records = [client.retry(job_id or "", overwrite=overwrite)]
+        records = [client.retry(client.resolve_id(job_id or ""), overwrite=overwrite)]
     for record in records:
         click.echo(f"{record['id']} {record['status']}")
 
@@ -527,7 +530,8 @@ def cancel(job_id: str) -> None:
     """Cancel a queued job."""
     from producer.client import Client
 
-    record = Client().cancel(job_id)
+    client = Client()
+    record = client.cancel(client.resolve_id(job_id))
     click.echo(f"{record['id']} {record['status']}")
 
 

@@ -8,16 +8,21 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import select
 
 from producer import broker, jobs
 from producer.db import session_scope
-from producer.errors import InvalidRequest
-from producer.models import JobStatus
+from producer.errors import InvalidRequest, JobNotFound
+from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
 from producer.settings import Settings, get_settings
 from producer.storage import Storage, get_storage
 
 Record = dict[str, Any]
+FULL_ID_LENGTH = 36
+# Short prefixes are ambiguous soon and a scan of the ids either way: 6 hex digits is 16M.
+MIN_ID_PREFIX = 6
+HEX_AND_DASH = frozenset("0123456789abcdefABCDEF-")
 RequestLike = JobRequest | Mapping[str, Any]
 
 
@@ -95,6 +100,24 @@ class Client:
         with session_scope(self.settings.database_url) as session:
             return jobs.get(session, job_id).to_record()
 
+    def resolve_id(self, prefix: str) -> str:
+        """The job id that starts with `prefix` (as `git` takes a short hash): a full id as
+        it is; JobNotFound when none or several jobs match."""
+        if len(prefix) >= FULL_ID_LENGTH:
+            return prefix
+        if len(prefix) < MIN_ID_PREFIX or not set(prefix) <= HEX_AND_DASH:
+            raise JobNotFound(
+                f"{prefix!r}: give a job id, or its first {MIN_ID_PREFIX}+ characters"
+            )
+        with session_scope(self.settings.database_url) as session:
+            matches = list(
+                session.scalars(select(Job.id).where(Job.id.startswith(prefix.lower())).limit(2))
+            )
+        if len(matches) != 1:
+            found = "no job" if not matches else "several jobs"
+            raise JobNotFound(f"{found} with an id starting {prefix!r}")
+        return matches[0]
+
     def list(
         self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
     ) -> tuple[list[Record], str | None]:
@@ -142,7 +165,10 @@ class Client:
             if not open_ids:
                 return [finished[job_id] for job_id in job_ids]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"jobs not finished after {timeout:.0f}s: {open_ids[:10]}")
+                shown = ", ".join(open_ids[:10]) + (" …" if len(open_ids) > 10 else "")
+                raise TimeoutError(
+                    f"{len(open_ids)} jobs not finished after {timeout:.0f}s: {shown}"
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 

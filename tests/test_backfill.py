@@ -498,3 +498,22 @@ def test_a_backfill_whose_first_jobs_all_fail_access_denied_stops_and_cancels_th
     assert record["counts"]["submitted"] < PHOTOS
     statuses = {job.status for job in jobs_of(settings, created["id"])}
     assert statuses <= {"failed", "canceled"}
+
+
+def test_a_re_run_skips_photos_that_failed_for_their_own_sake_and_retries_the_rest(
+    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+) -> None:
+    source = f"s3://{photo_bucket}/photos/000"  # 0000 … 0009
+    codes = {"0005.png": "invalid_image", "0006.png": "storage_unavailable"}
+
+    def failure(job: Job) -> str | None:
+        return codes.get(job.input.rsplit("/", 1)[-1])
+
+    with FakeWorker(settings, out, failure):
+        first = run_backfill(engine, source, out)
+        again = run_backfill(engine, source, out)
+
+    assert (first["counts"]["succeeded"], first["counts"]["failed"]) == (8, 2)
+    assert (again["counts"]["skipped"], again["counts"]["submitted"]) == (9, 1)
+    (retried,) = jobs_of(settings, again["id"])
+    assert retried.input.endswith("0006.png")

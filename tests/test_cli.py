@@ -154,6 +154,12 @@ def test_version_prints_the_package_version(env: dict[str, str], here: Path) -> 
         (["backfill", "--resume", "nope"], {}, "backfill_not_found: "),
         (["retry"], {}, "invalid_request: give the JOB_ID to retry, or --failed"),
         (["process", "a.jpg", "o.png", "--mask", "nothing.png"], {}, "input_not_found: mask"),
+        (["submit", "a.jpg", "--mask", "nothing.png"], {}, "input_not_found: mask nothing.png"),
+        (
+            ["process", "a.jpg", "o.png", "--effect", "replace", "--background", "notes.txt"],
+            {},
+            "invalid_image: background: not an image",
+        ),
     ],
 )
 def test_a_mistake_is_one_line_never_a_traceback(
@@ -161,6 +167,7 @@ def test_a_mistake_is_one_line_never_a_traceback(
 ) -> None:
     if "--device" in args and _cuda_available():
         pytest.skip("this host has CUDA")
+    (here / "notes.txt").write_text("not a photo")
     finished = run(args, env | extra_env, here)
     assert finished.returncode != 0
     assert "Traceback" not in finished.stderr
@@ -396,3 +403,15 @@ def test_the_demo_labels_its_photos_columns_and_white_versus_transparent(
     header = np.asarray(sheet.convert("L"))[:HEADER]
     for column in range(len(COLUMNS)):  # each column's name is drawn: dark text on white
         assert header[:, column * THUMB : (column + 1) * THUMB].min() < 128
+
+
+def test_a_job_is_found_by_the_first_characters_of_its_id(env: dict[str, str], here: Path) -> None:
+    job_id = run(["submit", "a.jpg"], env, here).stdout.strip()
+
+    shown = run(["status", job_id[:8]], env, here)
+    canceled = run(["cancel", job_id[:8]], env, here)
+    too_short = run(["status", job_id[:3]], env, here)
+
+    assert shown.returncode == 0 and f"id                   {job_id}" in shown.stdout
+    assert canceled.stdout.strip() == f"{job_id} canceled"
+    assert too_short.returncode == 1 and too_short.stderr.startswith("job_not_found: ")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from producer.errors import BackgroundNotFound, InputNotFound
+from producer.errors import BackdropError, BackgroundNotFound, InputNotFound
 from producer.locations import FILE_SCHEME, real_path
 from producer.outputs import STDIO, Pair
 from producer.request import Effect, JobRequest, parse_request
@@ -62,7 +64,8 @@ class LocalProcessor:
             photo = decode_image(data, **self._limits)
             coarse = None
             if mask_file is not None:
-                coarse = decode_mask(_read(mask_file, InputNotFound, "mask"), **self._limits)
+                with _named("mask"):
+                    coarse = decode_mask(_read(mask_file, InputNotFound, "mask"), **self._limits)
             background = self._background_for(request)
         segment = None if coarse is not None else self._segmenter()
         alpha = alpha_for(photo, request, timings, segment=segment, coarse_mask=coarse)  # type: ignore[arg-type]
@@ -80,7 +83,8 @@ class LocalProcessor:
             return None
         if self._background is None:
             data = _read(self._background_path, BackgroundNotFound, "background")
-            self._background = decode_image(data, **self._limits).rgb
+            with _named("background"):
+                self._background = decode_image(data, **self._limits).rgb
         return self._background
 
     def _segmenter(self) -> Segment:
@@ -90,6 +94,17 @@ class LocalProcessor:
             segmenter = load_segmenter(self._settings)
             self._segment = lambda rgb, classes: segmenter.predict([rgb], [classes])[0]
         return self._segment
+
+
+@contextmanager
+def _named(what: str) -> Iterator[None]:
+    """Say which file a decoding error is about: the photo's are plain, others say so."""
+    try:
+        yield
+    except BackdropError as exc:
+        if exc.message.startswith(what):
+            raise
+        raise type(exc)(f"{what}: {exc.message}") from None
 
 
 def _write(output: str, data: bytes) -> None:
