@@ -221,7 +221,9 @@ def model_view(truth: np.ndarray, change: str = "") -> np.ndarray:
     """The matte as the segmenter hands it over: stride-8 logits upsampled to the model input.
 
     change "dilated" grows the matte by one logit cell first, "shifted" moves it by one cell
-    right and down: a model over-reaching or misplacing the subject by a cell.
+    right and down: a model over-reaching or misplacing the subject by a cell. "eroded" (shrunk
+    by a cell: the under-reaching twin of "dilated") and "skewed" (moved 1.5 cells left and half
+    a cell down: not a move refine_mask tries) are held out.
     """
     height, width = truth.shape
     scale = MODEL_LONG_SIDE / max(height, width)
@@ -230,8 +232,12 @@ def model_view(truth: np.ndarray, change: str = "") -> np.ndarray:
     if change == "dilated":
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cell + 1, 2 * cell + 1))
         truth = cv2.dilate(truth, kernel)
-    elif change == "shifted":
-        truth = cv2.warpAffine(truth, np.float32([[1, 0, cell], [0, 1, cell]]), (width, height))
+    elif change == "eroded":
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cell + 1, 2 * cell + 1))
+        truth = cv2.erode(truth, kernel)
+    elif change in ("shifted", "skewed"):
+        dx, dy = (cell, cell) if change == "shifted" else (-1.5 * cell, 0.5 * cell)
+        truth = cv2.warpAffine(truth, np.float32([[1, 0, dx], [0, 1, dy]]), (width, height))
     model_input = cv2.resize(truth, (model_w, model_h), interpolation=cv2.INTER_AREA)
     logits_size = (-(-model_w // OUTPUT_STRIDE), -(-model_h // OUTPUT_STRIDE))
     coarse = cv2.resize(model_input, logits_size, interpolation=cv2.INTER_AREA)
@@ -292,6 +298,9 @@ HELD_OUT = [
     Plan("motorcycle_left", "motorcycle_right", "coins", "2MP", note="same colours"),
     Plan("astronaut", "brick", "hand", "2MP", "dilated", note="frame"),
     Plan("coffee", "chelsea", "hand", "12MP", note="frame"),
+    # Added with the mask moves (worker/refine.py moved_mask), never tuned on.
+    Plan("chelsea", "brick", "portrait", "2MP", "eroded", note="frame"),
+    Plan("astronaut", "rocket", "cameraman", "2MP", "skewed"),
 ]
 
 
