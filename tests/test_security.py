@@ -12,7 +12,6 @@ job record.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import threading
 import uuid
@@ -43,7 +42,8 @@ DB_PASSWORD = "db-secret-" + uuid.uuid4().hex[:8]
 REDIS_PASSWORD = "redis-secret-" + uuid.uuid4().hex[:8]
 AWS_SECRET = "aws-secret-" + uuid.uuid4().hex[:8]
 API_TOKEN = "api-secret-" + uuid.uuid4().hex
-SECRETS = (DB_PASSWORD, REDIS_PASSWORD, AWS_SECRET, API_TOKEN)
+WORKER_SECRETS = (DB_PASSWORD, REDIS_PASSWORD, AWS_SECRET)  # in the worker's environment
+SECRETS = (*WORKER_SECRETS, API_TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +288,14 @@ def test_no_secret_appears_in_any_log_or_job_record(stack: Stack, photo: str) ->
     with session_scope(stack.settings.database_url) as session:
         every_record = [job.to_record() for job in session.scalars(select(Job))]
     text = stack.logs() + repr(every_record) + repr(records)
+    # Both paths ran (a result and a failure), in a worker that held every secret.
+    assert [records[job_id]["status"] for job_id in job_ids] == ["succeeded", "failed"]
+    worker_environment = Path(f"/proc/{stack.workers[0].pid}/environ").read_bytes().decode()
     assert stack.workers[0].log()  # the worker did log
+    for secret in WORKER_SECRETS:
+        assert secret in worker_environment
     for secret in SECRETS:
         assert secret not in text
-    assert os.environ.get("AWS_SECRET_ACCESS_KEY") != AWS_SECRET
 
 
 # --- the embedded default: locations, internal state, clobbering, logs (issue 11) -------
