@@ -20,6 +20,8 @@ is. Everything below runs at a capped working resolution (WORKING_PIXELS):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import cv2
@@ -156,33 +158,48 @@ def moved_mask(mask: np.ndarray, llr: np.ndarray) -> np.ndarray:
     """The mask, or the one move of it (see MOVE_CELLS) whose flipped pixels' colours agree
     with it by more than MOVE_EVIDENCE on average and most in total."""
     evidence = np.clip(llr, -EVIDENCE_CLIP, EVIDENCE_CLIP)
-    inside = (mask > 0.5).astype(np.float32)
-    best, best_total = mask, 0.0
-    for candidate in _moves(mask):
-        flip = (candidate > 0.5).astype(np.float32) - inside
-        flipped = float(np.abs(flip).sum())
-        total = float((flip * evidence).sum())
-        if flipped > 0 and total / flipped >= MOVE_EVIDENCE and total > best_total:
-            best, best_total = candidate, total
-    return best
+    # Moves are scored on the 0.5 contour's inside: morphology and shifts commute with a
+    # threshold, and uint8 arrays are several times faster to move than float ones.
+    inside = (mask > 0.5).astype(np.uint8)
+    inside_total = _sum_where(evidence, inside)
+    best, best_total = None, 0.0
+    for move in _moves(mask.shape):
+        candidate = move(inside)
+        flipped = cv2.countNonZero(cv2.bitwise_xor(candidate, inside))
+        total = _sum_where(evidence, candidate) - inside_total
+        if flipped and total / flipped >= MOVE_EVIDENCE and total > best_total:
+            best, best_total = move, total
+    return mask if best is None else best(mask)
 
 
-def _moves(mask: np.ndarray) -> list[np.ndarray]:
-    """The mask eroded and dilated by each of MOVE_CELLS, and shifted by one cell each way."""
-    cell = max(mask.shape) / MASK_CELLS
+def _moves(shape: tuple[int, ...]) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """Erosions and dilations by each of MOVE_CELLS, and shifts by one cell each way."""
+    height, width = shape[:2]
+    cell = max(height, width) / MASK_CELLS
     moves = []
     for cells in MOVE_CELLS:
         size = 2 * max(1, round(cells * cell)) + 1
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-        moves += [cv2.erode(mask, kernel), cv2.dilate(mask, kernel)]
+        moves += [partial(cv2.erode, kernel=kernel), partial(cv2.dilate, kernel=kernel)]
     step = round(cell)
     for dx in (-step, 0, step):
         for dy in (-step, 0, step):
             if dx or dy:
                 shift = np.float32([[1, 0, dx], [0, 1, dy]])
-                size = mask.shape[::-1]
-                moves.append(cv2.warpAffine(mask, shift, size, borderMode=cv2.BORDER_REPLICATE))
+                moves.append(
+                    partial(
+                        cv2.warpAffine,
+                        M=shift,
+                        dsize=(width, height),
+                        borderMode=cv2.BORDER_REPLICATE,
+                    )
+                )
     return moves
+
+
+def _sum_where(x: np.ndarray, where: np.ndarray) -> float:
+    count = cv2.countNonZero(where)
+    return cv2.mean(x, mask=where)[0] * count if count else 0.0
 
 
 def colour_alpha(
