@@ -3,12 +3,14 @@
 DeepLabV3 sees a photo at 520 px and predicts at stride 8: about 65 mask cells along the long
 side, whatever the photo's size. Its soft mask knows where the subject is, not where the edge
 is. Everything below runs at a capped working resolution (WORKING_PIXELS):
-  1. the free reference: the mask's 0.5 contour with a narrow linear ramp;
-  2. in the mask's own transition band (cells neither ≈0 nor ≈1, not widened), each pixel's
-     colour is compared with the sure subject and sure background colours around it (local
-     Gaussian models on the mask's grid); only where the two differ clearly may the colour
-     move the edge (a mask that over-reaches by a cell is pulled back only a little: looser
-     trust helped those cases and cost more on every other, see bench/refine_error.py);
+  1. local colour models (Gaussians on the mask's grid, learnt from the sure subject and sure
+     background around each pixel) give each pixel a likelihood ratio; where the pixels a
+     whole-mask move (erosion, dilation, shift by up to a cell) would flip clearly agree with
+     it, the mask is moved first (a model over- or under-reaching or misplacing the subject);
+  2. in the mask's own transition band (cells neither ≈0 nor ≈1, not widened), colour moves
+     the free reference's edge (the mask's 0.5 contour with a narrow linear ramp) where the
+     two models differ clearly, and far more readily where the reference drops what the mask
+     holds (strands and spokes thinner than a cell);
   3. closed-form matting (worker/matting.py) in a narrow strip around that edge gives it the
      photo's own soft profile;
   4. a consistency check against the mask on its own 65-cell grid: cells where the matte
