@@ -575,4 +575,7 @@ def test_a_job_stuck_past_the_job_timeout_runs_again_elsewhere_and_its_late_resu
     )
     assert bare.records([job_id])[job_id] == record
     assert bare.writes_of(record["output"]) == 1
+    # The late attempt stops as superseded, not as a failure of a job that succeeded.
+    assert "no longer owns the job" in stuck.log()
+    assert "output_exists" not in stuck.log()
     assert stuck.alive

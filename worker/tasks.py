@@ -179,12 +179,14 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         # Every decoded array is gone once _image returns, before the memory is released.
         rendered, (width, height) = _image(inputs, request, settings, batcher, timings)
     segmenter = batcher.segmenter
-    jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
     with session_scope(settings.database_url) as session:
         # Only the attempt that owns the job writes its output: a worker that lost its lease
         # (it stalled, and the job was handed on) must not write over its successor's work.
+        # Checked before the overwrite rule, whose view of what the job owns is as old as
+        # this attempt: a superseded attempt would otherwise fail as output_exists.
         if not jobs.renew(session, [(job.id, job.attempts)], settings.job_lease_s):
             raise Superseded(f"attempt {job.attempts} no longer owns the job")
+        jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
         jobs.own_outputs(session, job.id, job.attempts)
     with timings.stage("upload"):
         storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
@@ -301,8 +303,15 @@ def _execute(job_id: str, settings: Settings) -> None:
         log.exception("unexpected failure")
         _record_failure(settings, job_id, attempt, BackdropError(f"{type(exc).__name__}: {exc}"))
         return
+    else:
+        # Still holding the lease: a database outage while recording must not hand a finished
+        # job to another worker, which would run it and write its output again.
+        _record_success(settings, job_id, attempt, result)
     finally:
         leases.drop(job_id, attempt)
+
+
+def _record_success(settings: Settings, job_id: str, attempt: int, result: dict[str, Any]) -> None:
     recorded = _record(settings, lambda session: jobs.succeed(session, job_id, attempt, **result))
     if recorded:
         metrics.record_job("succeeded", None, result["timings_ms"])
