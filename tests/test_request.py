@@ -202,7 +202,7 @@ def test_control_characters_are_refused_in_every_string_field(field: str, charac
     elif field == "background":
         fields.update(effect="replace")
     # pydantic itself refuses a lone surrogate in a length-bounded string
-    with pytest.raises(InvalidRequest, match="control character|unicode string"):
+    with pytest.raises(InvalidRequest, match=r"control character|unicode string"):
         parse_request(fields)
 
 
