@@ -1,7 +1,9 @@
 """A corpus of hostile and broken inputs, generated here, fed end to end through a real worker.
 
-Each kind ends with its error code and a readable message, or a correct output; the worker
-never crashes, no job is left open, and the worker's memory stays bounded throughout.
+Each kind ends with its error code and a readable message, or a correct output: the same
+pixels the worker makes of a plain PNG of what the input shows (upright, 8-bit RGB, first
+frame, transparency on white), submitted alongside it. The worker never crashes, no job is
+left open, and the worker's memory stays bounded throughout.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ import pytest
 from PIL import Image
 
 from tests.stack import Stack, build_stack
+from worker.imageio import ACCEPTED_FORMATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_INPUT_BYTES = 3_000_000
 MAX_PIXELS = 8_000_000
+# The batch a photo shares changes float summation order in the model, and so an output
+# pixel by a level or two; a wrong decode changes whole regions.
+BATCH_NOISE_LEVELS = 2
 # Peak resident memory the worker may reach while eating the corpus (model and torch included).
 MEMORY_BOUND_BYTES = 1_500 * 1024 * 1024
+RED = (255, 0, 0)
 
 
 def save(image: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -69,6 +76,46 @@ def bomb_gif(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def solid(width: int, height: int, colour: tuple[int, int, int]) -> np.ndarray:
+    return np.full((height, width, 3), colour, np.uint8)
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """Rec.601 luma in all three channels: how a grey image looks in RGB."""
+    luma = np.asarray(Image.fromarray(rgb).convert("L"))
+    return np.repeat(luma[:, :, None], 3, axis=2)
+
+
+def stored(data: bytes) -> np.ndarray:
+    """A file's first frame as stored (no EXIF orientation), decoded by Pillow: the
+    reference decode of what its encoder kept."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """How a viewer shows stored pixels under an EXIF orientation (the TIFF 6.0 table)."""
+    return {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],  # mirrored left to right
+        3: lambda a: a[::-1, ::-1],  # turned half way
+        4: lambda a: a[::-1],  # mirrored top to bottom
+        5: lambda a: a.transpose(1, 0, 2),  # rows become columns
+        6: lambda a: np.rot90(a, -1),  # turned a quarter clockwise
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+        8: lambda a: np.rot90(a),  # turned a quarter anticlockwise
+    }[orientation](pixels)
+
+
+def truncated_grey(data: bytes) -> np.ndarray:
+    """Float pixels cut to 8 bits as Pillow's F -> L does (truncated: at most a level darker
+    than rounding would be), in all three channels."""
+    with Image.open(io.BytesIO(data)) as image:
+        floats = np.asarray(image, np.float32)
+    eight = np.clip(floats, 0, 255).astype(np.uint8)
+    return np.repeat(eight[:, :, None], 3, axis=2)
+
+
 def with_orientation(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -89,13 +136,29 @@ def animated(fmt: str) -> bytes:
 
 
 def palette_with_transparency() -> bytes:
+    """The red quadrant's palette entry is the transparent one."""
     image = Image.fromarray(quadrants()).convert("P")
-    return save(image, "PNG", transparency=0)
+    return save(image, "PNG", transparency=image.getpixel((0, 0)))
+
+
+def red_on_white() -> np.ndarray:
+    rgb = quadrants()
+    rgb[:16, :24] = 255
+    return rgb
+
+
+def ramp() -> np.ndarray:
+    return np.linspace(0, 65535, 48 * 32).reshape(32, 48).astype(np.uint16)
 
 
 def sixteen_bit() -> bytes:
-    ramp = np.linspace(0, 65535, 48 * 32).reshape(32, 48).astype(np.uint16)
-    return save(Image.fromarray(ramp), "PNG")
+    return save(Image.fromarray(ramp()), "PNG")
+
+
+def ramp_in_eight_bits() -> np.ndarray:
+    """Scaled from the full 16-bit range, not clipped at 255."""
+    eight = np.round(ramp() * (255 / 65535)).astype(np.uint8)
+    return np.repeat(eight[:, :, None], 3, axis=2)
 
 
 def noise_over_the_byte_limit() -> bytes:
@@ -115,13 +178,15 @@ def zip_file() -> bytes:
 class Case:
     make: Callable[[], bytes]
     code: str | None  # None: must succeed
-    size: tuple[int, int] | None = None  # the output's (width, height) when it succeeds
+    # When it succeeds: the upright 8-bit RGB pixels the made bytes show.
+    looks: Callable[[bytes], np.ndarray] | None = None
     key: str = "input.bin"
     fields: dict[str, Any] = field(default_factory=dict)
     role: str = "input"  # which location carries the hostile bytes: input, background, mask
 
 
 PHOTO = lambda: save(Image.fromarray(quadrants()), "PNG")  # noqa: E731
+QUADRANTS = lambda _: quadrants()  # noqa: E731
 
 CORPUS: dict[str, Case] = {
     "zero-bytes": Case(lambda: b"", "invalid_image"),
@@ -129,9 +194,9 @@ CORPUS: dict[str, Case] = {
         lambda: save(Image.fromarray(quadrants(400, 300)), "JPEG")[:700], "invalid_image"
     ),
     "truncated-png": Case(lambda: PHOTO()[:70], "invalid_image"),
-    "png-named-jpg": Case(PHOTO, None, (48, 32), key="photo.jpg"),
+    "png-named-jpg": Case(PHOTO, None, QUADRANTS, key="photo.jpg"),
     "jpeg-named-png": Case(
-        lambda: save(Image.fromarray(quadrants()), "JPEG"), None, (48, 32), key="photo.png"
+        lambda: save(Image.fromarray(quadrants()), "JPEG"), None, stored, key="photo.png"
     ),
     "text": Case(lambda: b"just some words, no picture\n" * 20, "invalid_image", key="a.jpg"),
     "html": Case(lambda: b"<!DOCTYPE html><html><body>x</body></html>", "invalid_image"),
@@ -142,33 +207,55 @@ CORPUS: dict[str, Case] = {
     "jpeg-bomb": Case(lambda: bomb_jpeg(60_000, 60_000), "input_too_large"),
     "gif-bomb": Case(lambda: bomb_gif(65_535, 65_535), "input_too_large"),
     "over-the-byte-limit": Case(noise_over_the_byte_limit, "input_too_large"),
-    "one-by-one": Case(lambda: save(Image.new("RGB", (1, 1), "red"), "PNG"), None, (1, 1)),
-    "one-by-sixty": Case(lambda: save(Image.new("RGB", (1, 60), "red"), "PNG"), None, (1, 60)),
+    "one-by-one": Case(
+        lambda: save(Image.new("RGB", (1, 1), "red"), "PNG"), None, lambda _: solid(1, 1, RED)
+    ),
+    "one-by-sixty": Case(
+        lambda: save(Image.new("RGB", (1, 60), "red"), "PNG"), None, lambda _: solid(1, 60, RED)
+    ),
     "one-by-five-hundred": Case(
         lambda: save(Image.new("RGB", (1, 500), "red"), "PNG"), "invalid_image"
     ),
     "zero-width": Case(lambda: bomb_png(0, 10), "invalid_image"),
-    "sixteen-bit-grey": Case(sixteen_bit, None, (48, 32)),
+    "sixteen-bit-grey": Case(sixteen_bit, None, lambda _: ramp_in_eight_bits()),
+    # Pure colours survive a CMYK JPEG exactly; an inverted (Adobe) reading would not.
     "cmyk-jpeg": Case(
-        lambda: save(Image.fromarray(quadrants()).convert("CMYK"), "JPEG"), None, (48, 32)
+        lambda: save(Image.fromarray(quadrants()).convert("CMYK"), "JPEG"), None, QUADRANTS
     ),
-    "palette-with-transparency": Case(palette_with_transparency, None, (48, 32)),
+    "palette-with-transparency": Case(palette_with_transparency, None, lambda _: red_on_white()),
     "grey-with-alpha": Case(
-        lambda: save(Image.fromarray(quadrants()).convert("LA"), "PNG"), None, (48, 32)
+        lambda: save(Image.fromarray(quadrants()).convert("LA"), "PNG"),
+        None,
+        lambda _: grey(quadrants()),
     ),
     "float-tiff": Case(
-        lambda: save(Image.fromarray(quadrants()).convert("F"), "TIFF"), None, (48, 32)
+        lambda: save(Image.fromarray(quadrants()).convert("F"), "TIFF"),
+        None,
+        truncated_grey,
     ),
-    "animated-gif": Case(lambda: animated("GIF"), None, (48, 32)),
-    "animated-webp": Case(lambda: animated("WEBP"), None, (48, 32)),
+    "animated-gif": Case(lambda: animated("GIF"), None, QUADRANTS),
+    "animated-webp": Case(lambda: animated("WEBP"), None, stored),
     **{
         f"exif-orientation-{n}": Case(
-            lambda n=n: with_orientation(n), None, (48, 32) if n <= 4 else (32, 48)
+            lambda n=n: with_orientation(n), None, lambda data, n=n: upright(stored(data), n)
         )
         for n in range(1, 9)
     },
-    "corrupt-exif": Case(corrupt_exif, None, (48, 32)),
-    "trailing-garbage": Case(lambda: PHOTO() + b"\x00garbage" * 100, None, (48, 32)),
+    "corrupt-exif": Case(corrupt_exif, None, stored),
+    "trailing-garbage": Case(lambda: PHOTO() + b"\x00garbage" * 100, None, QUADRANTS),
+    "bmp": Case(lambda: save(Image.fromarray(quadrants()), "BMP"), None, QUADRANTS),
+    "heif": Case(lambda: save(Image.fromarray(quadrants()), "HEIF", quality=90), None, stored),
+    "avif": Case(lambda: save(Image.fromarray(quadrants()), "AVIF", quality=90), None, stored),
+    "mpo": Case(
+        lambda: save(
+            Image.fromarray(quadrants()),
+            "MPO",
+            save_all=True,
+            append_images=[Image.new("RGB", (48, 32))],
+        ),
+        None,
+        stored,
+    ),
     "ico": Case(lambda: save(Image.new("RGB", (16, 16)), "ICO"), "unsupported_format"),
     "ppm": Case(lambda: save(Image.new("RGB", (16, 16)), "PPM"), "unsupported_format"),
     "broken-background": Case(
@@ -180,8 +267,9 @@ CORPUS: dict[str, Case] = {
         role="background",
         fields={"effect": "replace"},
     ),
+    # All subject, so the output is the photo itself.
     "mask-of-the-wrong-size": Case(
-        lambda: save(Image.new("L", (7, 300), 255), "PNG"), None, (48, 32), role="mask"
+        lambda: save(Image.new("L", (7, 300), 255), "PNG"), None, QUADRANTS, role="mask"
     ),
     "broken-mask": Case(lambda: b"\x89PNG\r\n\x1a\nnope", "invalid_image", role="mask"),
 }
@@ -205,13 +293,22 @@ def stack(
         stack.close()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    record: dict[str, Any]
+    looks: np.ndarray | None  # what the input shows, for a kind that must succeed
+    reference: dict[str, Any] | None  # the job of a plain PNG of `looks`, for an input
+
+
 @pytest.fixture(scope="module")
-def outcomes(stack: Stack) -> dict[str, dict[str, Any]]:
-    """Every kind submitted at once (they share batches), run to a final state."""
+def outcomes(stack: Stack) -> dict[str, Outcome]:
+    """Every kind, and a plain PNG of what each good input shows, submitted at once (they
+    share batches) and run to a final state."""
     photo = stack.upload("hostile/photo.png", PHOTO())
-    requests = []
+    requests, looks = [], {}
     for name, case in CORPUS.items():
-        hostile = stack.upload(f"hostile/{name}/{case.key}", case.make())
+        data = case.make()
+        hostile = stack.upload(f"hostile/{name}/{case.key}", data)
         request: dict[str, Any] = {"input": photo, **case.fields}
         if case.role == "input":
             request["input"] = hostile
@@ -220,25 +317,61 @@ def outcomes(stack: Stack) -> dict[str, dict[str, Any]]:
         else:
             request["mask"] = hostile
         requests.append(request)
-    job_ids = stack.submit(requests)
+        if case.looks is not None:
+            looks[name] = np.ascontiguousarray(case.looks(data))
+    plain = {
+        name: stack.upload(f"hostile/{name}/reference.png", save(Image.fromarray(rgb), "PNG"))
+        for name, rgb in looks.items()
+        if CORPUS[name].role == "input"
+    }
+    job_ids = stack.submit([*requests, *({"input": png} for png in plain.values())])
     records = stack.wait_final(job_ids, timeout=180)
-    return {name: records[job_id] for name, job_id in zip(CORPUS, job_ids, strict=True)}
+    references = dict(zip(plain, job_ids[len(CORPUS) :], strict=True))
+    return {
+        name: Outcome(
+            records[job_id],
+            looks.get(name),
+            records[references[name]] if name in references else None,
+        )
+        for name, job_id in zip(CORPUS, job_ids[: len(CORPUS)], strict=True)
+    }
 
 
-def test_the_corpus_covers_at_least_25_kinds() -> None:
-    assert len(CORPUS) >= 25
+def pixels(stack: Stack, record: dict[str, Any]) -> np.ndarray:
+    with Image.open(io.BytesIO(stack.storage.read(record["output"]))) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_every_accepted_format_has_a_kind_that_must_decode_correctly() -> None:
+    decoded = {
+        Image.open(io.BytesIO(case.make())).format
+        for case in CORPUS.values()
+        if case.code is None and case.role == "input"
+    }
+    assert decoded >= ACCEPTED_FORMATS
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_each_hostile_input_ends_with_its_code_or_a_correct_output(
-    name: str, outcomes: dict[str, dict[str, Any]], stack: Stack
+    name: str, outcomes: dict[str, Outcome], stack: Stack
 ) -> None:
-    case, record = CORPUS[name], outcomes[name]
+    case, outcome = CORPUS[name], outcomes[name]
+    record = outcome.record
     if case.code is None:
         assert record["status"] == "succeeded", record["error"]
-        output = Image.open(io.BytesIO(stack.storage.read(record["output"])))
-        assert output.size == case.size
-        assert record["input_size"] == list(case.size)
+        assert outcome.looks is not None
+        height, width = outcome.looks.shape[:2]
+        assert record["input_size"] == [width, height]
+        output = pixels(stack, record)
+        if case.role == "mask":
+            # A given mask of all subject: the photo comes back untouched.
+            assert np.array_equal(output, outcome.looks)
+        else:
+            assert outcome.reference is not None
+            assert outcome.reference["status"] == "succeeded", outcome.reference["error"]
+            reference = pixels(stack, outcome.reference)
+            assert (reference != 255).any(axis=2).mean() > 0.25  # pictures, not blank outputs
+            assert np.abs(output - reference).max() <= BATCH_NOISE_LEVELS
     else:
         assert record["status"] == "failed"
         assert record["error"]["code"] == case.code, record["error"]
@@ -249,7 +382,7 @@ def test_each_hostile_input_ends_with_its_code_or_a_correct_output(
 
 
 def test_the_worker_survives_the_corpus_with_bounded_memory(
-    outcomes: dict[str, dict[str, Any]], stack: Stack
+    outcomes: dict[str, Outcome], stack: Stack
 ) -> None:
     (worker,) = stack.workers
     assert worker.alive
