@@ -23,7 +23,7 @@ from producer.locations import canonical_prefix
 from producer.models import Job, JobStatus
 from producer.request import JobRequest
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "avif": "avif"}
 # Rows or ids per statement: well under the bound-parameter limits of SQLite and PostgreSQL.
 STATEMENT_CHUNK = 2000
 

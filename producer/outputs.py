@@ -36,7 +36,7 @@ def format_for(output: str, fmt: str | None) -> str:
     if not suffix:
         if fmt is None and output != STDIO:
             raise InvalidRequest(
-                f"{output} has no extension: name it .png, .jpg or .webp, or give --format"
+                f"{output} has no extension: name it .png, .jpg, .webp or .avif, or give --format"
             )
         return fmt or OutputFormat.PNG.value
     formats = {f.value for f in OutputFormat}

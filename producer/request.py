@@ -93,6 +93,7 @@ class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
     WEBP = "webp"
+    AVIF = "avif"
 
 
 class Queue(StrEnum):

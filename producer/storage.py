@@ -66,6 +66,7 @@ _CONTENT_TYPES = {
     "jpeg": "image/jpeg",
     "jpg": "image/jpeg",
     "webp": "image/webp",
+    "avif": "image/avif",
 }
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from producer.errors import InputTooLarge, InvalidImage
 
 SIDE = 320
-FORMATS = ("PNG", "JPEG", "WEBP")
+FORMATS = ("PNG", "JPEG", "WEBP", "AVIF")
 DECODE_SLOTS = 2
 CACHED = 64
 JPEG_QUALITY = 85

@@ -239,6 +239,11 @@ def test_stdin_to_stdout_and_the_extension_picks_the_format(
     assert webp.returncode == 0, webp.stderr
     assert Image.open(here / "out.webp").format == "WEBP"
 
+    avif = run(["process", "a.jpg", "out.avif", "--background", "transparent"], env, here)
+    assert avif.returncode == 0, avif.stderr
+    assert Image.open(here / "out.avif").format == "AVIF"
+    assert Image.open(here / "out.avif").mode == "RGBA"
+
 
 # --- jobs through a real worker: submit, get, backfill -----------------------------------
 

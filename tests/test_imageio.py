@@ -278,16 +278,16 @@ def test_mask_decoding_refuses_non_images_too():
         decode_mask(b"not a mask", **LIMITS)
 
 
-@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "avif"])
 def test_encoded_rgb_decodes_back_to_the_same_size_and_colours(fmt):
     pixels = quadrants()
     data = encode_image(pixels, fmt, quality=95)
     back = decode(data)
-    assert back.source_format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    assert back.source_format == fmt.upper()
     assert np.abs(back.rgb[3:12, 3:15].astype(int) - pixels[3:12, 3:15]).max() <= 8
 
 
-@pytest.mark.parametrize("fmt", ["png", "webp"])
+@pytest.mark.parametrize("fmt", ["png", "webp", "avif"])
 def test_rgba_encodes_with_its_alpha(fmt):
     rgba = np.dstack([quadrants(), np.full((30, 40), 100, np.uint8)])
     image = Image.open(io.BytesIO(encode_image(rgba, fmt, quality=100)))

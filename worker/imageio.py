@@ -36,13 +36,16 @@ _ACCEPTED_LIST = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, TIFF, BMP, GIF"
 MAX_ASPECT_RATIO = 100
 
 _ICC_COLOUR_SPACE = slice(16, 20)  # the data colour space signature in an ICC header
-_ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+_ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 _WEBP_MAX_SIDE = 16383
 # Chroma subsampling smears colour across the hard edges a cutout has; above this quality
 # the caller asked for fidelity, so keep full chroma (4:4:4), else 4:2:0 for size.
 _FULL_CHROMA_QUALITY = 90
 # zlib level 3 is within a few percent of level 6's size on photos at about half the time.
 _PNG_COMPRESS_LEVEL = 3
+# libavif's speed 8: a 2.5 MP photo in ~0.9 s of CPU against ~1.8 s at its default 6, for
+# files ~12% larger (still a fourteenth of the PNG).
+_AVIF_SPEED = 8
 # libwebp's method trades speed for size; 4 is its default, 2 is ~2x faster, ~3% larger.
 _WEBP_METHOD = 2
 
@@ -87,10 +90,10 @@ def decode_mask(data: bytes, *, max_pixels: int, max_bytes: int) -> np.ndarray:
 def encode_image(
     pixels: np.ndarray, fmt: str, *, quality: int = 92, icc_profile: bytes | None = None
 ) -> bytes:
-    """Encode RGB (H, W, 3) or RGBA (H, W, 4) uint8 pixels as png, jpeg or webp."""
+    """Encode RGB (H, W, 3) or RGBA (H, W, 4) uint8 pixels as png, jpeg, webp or avif."""
     pil_format = _ENCODE_FORMATS.get(fmt.lower())
     if pil_format is None:
-        raise InvalidRequest(f"cannot encode format {fmt!r}; choose png, jpeg or webp")
+        raise InvalidRequest(f"cannot encode format {fmt!r}; choose png, jpeg, webp or avif")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected (H, W, 3|4) uint8 pixels, got {pixels.shape} {pixels.dtype}")
     if pixels.shape[2] == 4 and pil_format == "JPEG":
@@ -110,6 +113,8 @@ def encode_image(
     elif pil_format == "JPEG":
         subsampling = 0 if quality >= _FULL_CHROMA_QUALITY else 2
         options.update(quality=quality, optimize=False, subsampling=subsampling)
+    elif pil_format == "AVIF":
+        options.update(quality=quality, speed=_AVIF_SPEED)
     else:
         options.update(quality=quality, method=_WEBP_METHOD)
     buffer = io.BytesIO()
