@@ -414,3 +414,25 @@ def test_a_photo_without_the_selected_classes_ends_no_subject_when_asked_to_fail
     assert absent in refused["error"]["message"]
     assert not client.storage.exists(refused["output"])
     assert kept["status"] == "succeeded"
+
+
+def test_a_missing_or_broken_mask_fails_naming_the_mask(
+    client: Client,
+    pipeline_env: dict[str, str],
+    worker_process: Path,
+    photo_bytes: dict[str, bytes],
+) -> None:
+    bucket = pipeline_env["BUCKET"]
+    photo = _upload(client, bucket, "in/masked.png", photo_bytes["chelsea"])
+    broken = _upload(client, bucket, "in/broken-mask.png", b"not an image")
+    records = client.submit_many(
+        [
+            {"input": photo, "mask": f"s3://{bucket}/in/absent-mask.png"},
+            {"input": photo, "mask": broken},
+        ]
+    )
+    missing, unreadable = client.wait([r["id"] for r in records], timeout=300)
+    assert missing["error"]["code"] == "input_not_found"
+    assert missing["error"]["message"].startswith("mask: ")
+    assert unreadable["error"]["code"] == "invalid_image"
+    assert unreadable["error"]["message"].startswith("mask image: ")

@@ -8,7 +8,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +117,18 @@ def _read_image_input(storage: Storage, location: str, settings: Settings, what:
     except InputNotFound as exc:
         if what == "background":
             raise BackgroundNotFound(exc.message) from None
+        if what == "mask":
+            raise InputNotFound(f"mask: {exc.message}") from None
         raise
+
+
+@contextmanager
+def _about(what: str) -> Iterator[None]:
+    """A bad mask or background names itself: the user must know which file was wrong."""
+    try:
+        yield
+    except PermanentError as exc:
+        raise type(exc)(f"{what}: {exc.message}") from None
 
 
 # How long a worker keeps trying to record a finished job's outcome while the database is
@@ -205,13 +217,13 @@ def memory_need(inputs: Inputs, settings: Settings) -> int:
     """What the job's imaging will hold in memory, from its images' headers alone."""
     limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
     photo = image_size(inputs.photo, **limits)
-    mask = image_size(inputs.mask, **limits) if inputs.mask is not None else None
-    background = None
+    mask = background = None
+    if inputs.mask is not None:
+        with _about("mask image"):
+            mask = image_size(inputs.mask, **limits)
     if inputs.background is not None:
-        try:
+        with _about("background image"):
             background = image_size(inputs.background, **limits)
-        except PermanentError as exc:
-            raise type(exc)(f"background image: {exc.message}") from None
     return budget.need_bytes(photo, mask=mask, background=background)
 
 
@@ -222,13 +234,13 @@ def _image(
     limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
     with timings.stage("decode"):
         photo = decode_image(inputs.photo, **limits)
-        coarse = decode_mask(inputs.mask, **limits) if inputs.mask is not None else None
-        background = None
+        coarse = background = None
+        if inputs.mask is not None:
+            with _about("mask image"):
+                coarse = decode_mask(inputs.mask, **limits)
         if inputs.background is not None:
-            try:
+            with _about("background image"):
                 background = decode_image(inputs.background, **limits).rgb
-            except PermanentError as exc:
-                raise type(exc)(f"background image: {exc.message}") from None
     device = batcher.segmenter.device
     alpha = alpha_for(
         photo, request, timings, segment=batcher.segment, coarse_mask=coarse, device=device
