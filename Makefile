@@ -10,7 +10,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# Pinned so pip takes the wheels that lie on local disk (see README, "Installing torch").
+	# Pinned: the worker extra needs exactly these builds (pyproject.toml), and pip resolves them first.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[worker,dev]'
 	touch $@
