@@ -13,6 +13,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from worker.matting import inverse3
+from worker.refine import _resize, _to_byte
+
 # The fit is solved at most at this many pixels; larger photos use the upsampled solution.
 WORKING_PIXELS = 400000
 # Two passes, radii as shares of the working image's shorter side. The first pulls the
@@ -56,14 +59,6 @@ def working_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    if image.shape[1] == width and image.shape[0] == height:
-        return image
-    shrinking = width * height < image.shape[0] * image.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
-
-
 def _box(image: np.ndarray, radius: int) -> np.ndarray:
     size = 2 * radius + 1
     return cv2.boxFilter(image, cv2.CV_32F, (size, size), borderType=cv2.BORDER_REFLECT)
@@ -85,28 +80,16 @@ def _guided_coefficients(
             var[i, j] = _box(channels[i] * channels[j], radius) - means[i] * means[j]
             if i == j:
                 var[i, j] += eps
-    a = _solve_symmetric3(var, cov_ip)
+    i00, i01, i02, i11, i12, i22 = inverse3(var)
+    r0, r1, r2 = cov_ip[:, :, 0], cov_ip[:, :, 1], cov_ip[:, :, 2]
+    a = np.stack(
+        [i00 * r0 + i01 * r1 + i02 * r2, i01 * r0 + i11 * r1 + i12 * r2,
+         i02 * r0 + i12 * r1 + i22 * r2],
+        axis=2,
+    )  # fmt: skip
     b = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
     coeffs = np.concatenate([a, b[:, :, None]], axis=2)
     return _box(coeffs, radius)
-
-
-def _solve_symmetric3(var: dict[tuple[int, int], np.ndarray], rhs: np.ndarray) -> np.ndarray:
-    """Solve the per-pixel 3x3 system var · a = rhs by the adjugate (no Python loop per pixel)."""
-    s00, s01, s02 = var[0, 0], var[0, 1], var[0, 2]
-    s11, s12, s22 = var[1, 1], var[1, 2], var[2, 2]
-    c00 = s11 * s22 - s12 * s12
-    c01 = s02 * s12 - s01 * s22
-    c02 = s01 * s12 - s02 * s11
-    c11 = s00 * s22 - s02 * s02
-    c12 = s01 * s02 - s00 * s12
-    c22 = s00 * s11 - s01 * s01
-    inv_det = 1.0 / (s00 * c00 + s01 * c01 + s02 * c02)
-    r0, r1, r2 = rhs[:, :, 0], rhs[:, :, 1], rhs[:, :, 2]
-    a0 = (c00 * r0 + c01 * r1 + c02 * r2) * inv_det
-    a1 = (c01 * r0 + c11 * r1 + c12 * r2) * inv_det
-    a2 = (c02 * r0 + c12 * r1 + c22 * r2) * inv_det
-    return np.stack([a0, a1, a2], axis=2)
 
 
 def _evaluate(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
@@ -134,7 +117,3 @@ def _to_bytes(q: np.ndarray) -> np.ndarray:
     np.add(q, 0.5, out=q)
     np.clip(q, 0, 255, out=q)
     return q.astype(np.uint8)
-
-
-def _to_byte(value: float) -> int:
-    return int(min(max(value, 0.0), 1.0) * 255 + 0.5)
