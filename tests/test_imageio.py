@@ -9,8 +9,11 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
+from pydantic import ValidationError
 
+from producer import settings as settings_module
 from producer.errors import InputTooLarge, InvalidImage, InvalidRequest, UnsupportedFormat
+from producer.settings import Settings
 from worker.imageio import decode_image, decode_mask, encode_image, encode_mask, image_size
 
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 50_000_000}
@@ -317,3 +320,52 @@ def test_encode_mask_writes_an_8_bit_grey_png():
     image = Image.open(io.BytesIO(encode_mask(alpha)))
     assert image.format == "PNG" and image.mode == "L"
     assert np.array_equal(np.asarray(image), alpha)
+
+
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_png_output_is_lossless_for_a_real_photo(photo_bytes, compression):
+    rgb = decode(photo_bytes["astronaut"]).rgb
+    data = encode_image(rgb, "png", png_compression=compression)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), rgb)
+
+
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_png_keeps_straight_alpha_and_the_colour_under_transparent_pixels(compression):
+    rgba = np.dstack([quadrants(), np.tile(np.arange(0, 240, 6, dtype=np.uint8), (30, 1))])
+    image = Image.open(io.BytesIO(encode_image(rgba, "png", png_compression=compression)))
+    assert image.mode == "RGBA"
+    assert np.array_equal(np.asarray(image), rgba)  # alpha 0 columns keep their colours too
+
+
+def test_fast_png_carries_the_icc_profile_in_a_valid_chunk(photo_bytes):
+    photo = decode(photo_bytes["chelsea"])
+    data = encode_image(photo.rgb, "png", icc_profile=photo.icc_profile, png_compression="fast")
+    Image.open(io.BytesIO(data)).verify()  # every chunk's CRC, the spliced iCCP's included
+    image = Image.open(io.BytesIO(data))
+    assert image.info["icc_profile"] == photo.icc_profile
+    assert np.array_equal(np.asarray(image), photo.rgb)
+
+
+def test_small_png_is_smaller_than_fast_and_is_zlib_level_3(photo_bytes):
+    rgb = decode(photo_bytes["coffee"]).rgb
+    fast = encode_image(rgb, "png", png_compression="fast")
+    small = encode_image(rgb, "png", png_compression="small")
+    assert len(small) < len(fast)
+    assert small == save(Image.fromarray(rgb), "PNG", compress_level=3)
+
+
+def test_png_compression_defaults_to_fast_and_reads_the_environment(monkeypatch):
+    assert Settings().png_compression == "fast"
+    monkeypatch.setenv("BACKDROP_PNG_COMPRESSION", "small")
+    assert Settings().png_compression == "small"
+    monkeypatch.setenv("BACKDROP_PNG_COMPRESSION", "tiny")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_png_encoding_follows_the_process_setting(monkeypatch, photo_bytes):
+    rgb = decode(photo_bytes["coffee"]).rgb
+    monkeypatch.setattr(settings_module, "_current", Settings(png_compression="small"))
+    assert encode_image(rgb, "png") == encode_image(rgb, "png", png_compression="small")
+    monkeypatch.setattr(settings_module, "_current", Settings(png_compression="fast"))
+    assert encode_image(rgb, "png") == encode_image(rgb, "png", png_compression="fast")
