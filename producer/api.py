@@ -166,13 +166,37 @@ def _guard_policy(settings: Settings, auth: BearerAuth) -> GuardPolicy:
     )
 
 
-def serve(host: str | None = None, port: int | None = None) -> None:
-    """Run the API with uvicorn until interrupted (`backdrop api`)."""
+def serve(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run the API with uvicorn until interrupted (`backdrop api`); once it listens, call
+    `on_listening` with the dashboard's address."""
     import uvicorn
 
     settings = get_settings()
     app = create_app(settings)
-    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port)
+    host = host or settings.api_host
+    port = port or settings.api_port
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_listening is not None:
+                on_listening(dashboard_url(host, port))
+
+    Server(uvicorn.Config(app, host=host, port=port)).run()
+
+
+def dashboard_url(host: str, port: int) -> str:
+    """The dashboard's address as a browser on this host reaches it: a server listening on
+    every interface is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/dashboard"
 
 
 # --- auth --------------------------------------------------------------------------------

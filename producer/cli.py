@@ -715,12 +715,18 @@ def stats(as_json: bool) -> None:
 @reports_errors
 def api(host: str | None, port: int | None, insecure_no_auth: bool | None) -> None:
     """Serve the HTTP API, /metrics and the dashboard (bearer-token auth)."""
-    configure(api_insecure_no_auth=insecure_no_auth)
+    settings = configure(api_insecure_no_auth=insecure_no_auth)
     from producer.api import serve
     from producer.logs import configure as configure_logging
 
     configure_logging("INFO")
-    serve(host, port)
+
+    def announce(url: str) -> None:
+        # The token goes in the fragment, which the browser never sends: never in a log.
+        how = " (add #token=YOUR_TOKEN, one of BACKDROP_API_TOKENS)" if settings.api_tokens else ""
+        click.echo(f"dashboard: {url}{how}")
+
+    serve(host, port, on_listening=announce)
 
 
 @cli.group()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from PIL import Image
 from producer.cli import cli
 from producer.db import upgrade
 from producer.settings import Settings
+from tests.conftest import free_port
 from tests.services import WorkerProcess
 
 BACKDROP = Path(sys.executable).with_name("backdrop")
@@ -420,3 +423,35 @@ def test_a_job_is_found_by_the_first_characters_of_its_id(env: dict[str, str], h
     assert shown.returncode == 0 and f"id                   {job_id}" in shown.stdout
     assert canceled.stdout.strip() == f"{job_id} canceled"
     assert too_short.returncode == 1 and too_short.stderr.startswith("job_not_found: ")
+
+
+def test_the_api_says_where_its_dashboard_is_and_how_to_add_a_token_without_printing_it(
+    env: dict[str, str], here: Path
+) -> None:
+    token = "t" * 40
+    port = free_port()
+    serving = subprocess.Popen(
+        [str(BACKDROP), "api", "--port", str(port)],
+        env={**os.environ, **env, "BACKDROP_API_TOKENS": token},
+        cwd=here,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serving.stdout is not None
+        said, _, _ = select.select([serving.stdout], [], [], 60)
+        assert said, "backdrop api printed nothing in a minute"
+        line = serving.stdout.readline().strip()
+        # Printed once it listens: the page is there.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=30) as page:
+            assert page.status == 200
+    finally:
+        serving.send_signal(signal.SIGINT)
+        output, errors = serving.communicate(timeout=30)
+
+    assert line == (
+        f"dashboard: http://127.0.0.1:{port}/dashboard"
+        " (add #token=YOUR_TOKEN, one of BACKDROP_API_TOKENS)"
+    )
+    assert token not in line + output + errors
