@@ -1,26 +1,48 @@
-"""Throughput, measured side by side in one run:
+"""Throughput, measured side by side in one run, per output format (PNG, the default job's,
+and JPEG):
 
-  (a) model only: Segmenter.predict on decoded photos, per batch size;
-  (b) the tutorial's way: one photo at a time in one process: decode, model, threshold,
-      7x7 blur, float64 blend at full resolution, encode;
-  (c) end to end: jobs submitted through the Python client into Redis, photos in S3 (moto's
-      HTTP server on loopback), records in PostgreSQL, processed by a real `backdrop worker`.
+  (a) model only: Segmenter.predict on decoded photos, per batch size (no codecs, no S3).
+  (b) two plain loops, one photo at a time in this process, each doing exactly:
+      S3 download (boto3, the same moto server as (c)) -> Pillow decode -> resize for the
+      model -> model -> argmax -> threshold -> 7x7 Gaussian blur -> mask resized to full
+      resolution -> float64 blend onto white -> OpenCV encode in the job's format (PNG at
+      OpenCV's default level; JPEG at the job's default quality 92 with 4:4:4 chroma, as the
+      worker writes it) -> S3 upload.
+      They skip everything else a job does: no refinement of the mask's edges, no colour
+      estimation (decontamination), no EXIF orientation, no ICC profile, no size checks, no
+      database record, no retries.
+      (b1) the tutorial's loop: the model sees the photo's SHORT side at --tutorial-size.
+      (b2) the same loop at our input size: the LONG side at --input-size, as the worker.
+  (c) end to end: jobs (the default remove -> white job, in that format) submitted through
+      the Python client into Redis, photos in S3 (moto's HTTP server on loopback), records in
+      PostgreSQL, processed by a real `backdrop worker`. Its rate is photos over the jobs' own
+      span, from the first `started_at` to the last `finished_at`; the client only submits
+      and waits.
+
+Each round runs (b1), (b2) and (c) in turn for every format, so a noisy neighbour slows all
+of them, not one. Per photo it prints the stage times the job records give (`timings_ms`),
+the loops' own stage times, the CPU each process used (worker, S3 server, PostgreSQL, Redis,
+this process), and where the rest of the wall time went: queueing before a job starts, time
+inside a job outside its stages, and idle cores.
 
 Random-init weights unless --weights is given: speed does not depend on their values, as
 long as the masks they give vary (see write_random_weights).
-Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for (c).
+Needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and moto (the dev extra).
 
     .venv/bin/python bench/throughput.py [--model deeplabv3_mobilenet_v3_large] [--photos 24]
         [--max-batch 8] [--rounds 2] [--input-size 520] [--tutorial-size 520]
-        [--memory-jobs 0]
+        [--formats png,jpeg] [--memory-jobs 0]
+    .venv/bin/python bench/throughput.py --model deeplabv3_resnet101 --photos 8
 
 The worker's model sees the photo's long side at --input-size; the tutorial's sees its short
 side at --tutorial-size. `--input-size 693` gives both the same pixels on these 4:3 photos.
+On a GPU the loops run their model there too.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import socket
@@ -30,7 +52,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import boto3
@@ -39,7 +63,9 @@ import numpy as np
 import redis
 import skimage.data
 import torch
+from PIL import Image
 from sqlalchemy import create_engine, text
+from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +81,14 @@ from worker.weights import MODELS, NUM_CLASSES, load_model
 SIZES = ((1280, 960), (1600, 1200), (2000, 1500))  # 1.2, 1.9 and 3.0 MP
 PHOTOS = ("astronaut", "chelsea", "coffee", "motorcycle_left")
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/13"
+# Its own DB: bench/interactive_latency.py flushes and consumes 13, and a worker drops
+# (acks) a message whose job its database does not hold.
+REDIS_URL = "redis://127.0.0.1:6379/14"
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+JPEG_QUALITY = 92  # the job's default jpeg_quality
+# The worker keeps full chroma at quality >= 90; OpenCV's 4:4:4 code.
+JPEG_444 = 0x111111
+LOOP_STAGES = ("download", "decode", "segment", "composite", "encode", "upload")
 
 
 def make_photos(count: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> list[bytes]:
@@ -95,27 +128,53 @@ def model_only(segmenter: Segmenter, photos: list[bytes], batch: int) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def tutorial_loop(model: torch.nn.Module, photos: list[bytes], input_size: int) -> float:
-    """The tutorial's pipeline, one photo at a time, producing a full-resolution JPEG."""
-    from PIL import Image
-    from torchvision import transforms as T
+def short_side(size: int) -> Callable[[Image.Image], Image.Image]:
+    """The tutorial's T.Resize(size): the short side to `size`."""
+    return lambda image: TF.resize(image, size)
 
-    transform = T.Compose(
-        [
-            T.Resize(input_size),
-            T.ToTensor(),
-            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    model.eval()
 
-    def one(data: bytes) -> bytes:
-        import io
+def long_side(size: int) -> Callable[[Image.Image], Image.Image]:
+    """The worker's fit: the long side to `size`."""
 
+    def fit(image: Image.Image) -> Image.Image:
+        scale = size / max(image.size)
+        return image.resize((round(image.width * scale), round(image.height * scale)))
+
+    return fit
+
+
+@dataclass
+class Loop:
+    """(b): one photo at a time, in this process; see the module docstring for its stages."""
+
+    label: str
+    model: torch.nn.Module
+    fit: Callable[[Image.Image], Image.Image]
+    device: str
+    s3: object
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    stage_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    cpu_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def one(self, location: str, fmt: str, ms: dict[str, float]) -> None:
+        bucket, key = location.removeprefix("s3://").split("/", 1)
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            ms[stage] = ms.get(stage, 0.0) + (now - clock) * 1000
+            clock = now
+
+        data = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+        lap("download")
         image = Image.open(io.BytesIO(data)).convert("RGB")
+        lap("decode")
+        batch = TF.normalize(TF.to_tensor(self.fit(image)), MEAN, STD).unsqueeze(0)
         with torch.no_grad():
-            out = model(transform(image).unsqueeze(0))["out"]
-        classes = torch.argmax(out.squeeze(), dim=0).numpy()
+            out = self.model(batch.to(self.device))["out"]
+        classes = torch.argmax(out.squeeze(), dim=0).cpu().numpy()
+        lap("segment")
         _, alpha = cv2.threshold(classes.astype(np.uint8), 0, 255, cv2.THRESH_BINARY)
         alpha = cv2.GaussianBlur(alpha, (7, 7), 0)
         foreground = np.asarray(image)
@@ -125,13 +184,35 @@ def tutorial_loop(model: torch.nn.Module, photos: list[bytes], input_size: int) 
         blended = cv2.add(
             cv2.multiply(alpha, foreground.astype(float)), cv2.multiply(1.0 - alpha, background)
         )
-        return cv2.imencode(".jpg", blended.astype(np.uint8)[..., ::-1])[1].tobytes()
+        bgr = blended.astype(np.uint8)[..., ::-1]
+        lap("composite")
+        if fmt == "png":
+            encoded = cv2.imencode(".png", bgr)[1].tobytes()
+        else:
+            params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_SAMPLING_FACTOR]
+            encoded = cv2.imencode(".jpg", bgr, [*params, JPEG_444])[1].tobytes()
+        lap("encode")
+        self.s3.put_object(  # type: ignore[attr-defined]
+            Bucket=bucket, Key=f"loop-out/{uuid.uuid4().hex}.{fmt}", Body=encoded
+        )
+        lap("upload")
 
-    one(photos[0])  # warm-up
-    started = time.perf_counter()
-    for data in photos:
-        one(data)
-    return len(photos) / (time.perf_counter() - started)
+    def measure(self, locations: list[str], fmt: str, processes: dict[str, list[int]]) -> None:
+        self.one(locations[0], fmt, {})  # warm-up
+        ms: dict[str, float] = {}
+        before = {name: cpu_seconds(pids) for name, pids in processes.items()}
+        started = time.perf_counter()
+        for location in locations:
+            self.one(location, fmt, ms)
+        self.rates.setdefault(fmt, []).append(len(locations) / (time.perf_counter() - started))
+        self.stage_ms[fmt] = {stage: ms[stage] / len(locations) for stage in LOOP_STAGES}
+        self.cpu_ms[fmt] = {
+            name: (cpu_seconds(pids) - before[name]) / len(locations) * 1000
+            for name, pids in processes.items()
+        }
+
+    def rate(self, fmt: str) -> float:
+        return float(np.mean(self.rates[fmt]))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -173,6 +254,10 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         time.sleep(0.1)
 
 
+def moment(value: str | datetime) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
 class Services:
     """A fresh PostgreSQL database, a Redis DB, moto's S3 server, and a real worker."""
 
@@ -192,9 +277,9 @@ class Services:
         os.environ.update(
             AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
         )
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        wait_for(lambda: _answers(s3), 30, "the S3 server")
-        s3.create_bucket(Bucket="bench")
+        self.s3_client = boto3.client("s3", endpoint_url=endpoint)
+        wait_for(lambda: _answers(self.s3_client), 30, "the S3 server")
+        self.s3_client.create_bucket(Bucket="bench")
         self.env = {
             "BACKDROP_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
             "BACKDROP_BROKER_URL": REDIS_URL,
@@ -261,21 +346,22 @@ class Services:
             locations.append(location)
         return locations
 
-    def run(self, locations: list[str]) -> tuple[float, list[dict]]:
+    def run(self, locations: list[str], fmt: str = "jpeg") -> tuple[float, list[dict]]:
+        """Submit and wait; the client's own rate (submit to the last record seen final)."""
         started = time.perf_counter()
-        records = self.client.submit_many([{"input": loc, "format": "jpeg"} for loc in locations])
+        records = self.client.submit_many([{"input": loc, "format": fmt} for loc in locations])
         finished = self.client.wait([r["id"] for r in records], timeout=3600)
         return len(locations) / (time.perf_counter() - started), finished
 
-    def processes(self) -> dict[str, list[int]]:
-        """Where the CPU goes during (c), by process (PostgreSQL: every backend)."""
-        assert self.worker is not None
+    def processes(self, worker: bool = True) -> dict[str, list[int]]:
+        """Where the CPU goes, by process (PostgreSQL: every backend)."""
+        found = {"worker": [self.worker.pid]} if worker and self.worker else {}
         return {
-            "worker": [self.worker.pid],
+            **found,
             "S3 server": [self.s3.pid],
             "PostgreSQL": pids_named("postgres"),
             "Redis": pids_named("redis-server"),
-            "producer (submit + wait)": [os.getpid()],
+            "this process": [os.getpid()],
         }
 
     def worker_rss_mb(self) -> float:
@@ -305,24 +391,37 @@ def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
 
 @dataclass
 class EndToEnd:
-    """(c) at one max batch size, over several rounds."""
+    """(c) at one max batch size and one output format, over several rounds."""
 
     max_batch: int
+    fmt: str
     rates: list[float] = field(default_factory=list)
+    client_rates: list[float] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    client_wall_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return float(np.mean(self.rates))
 
+    @property
+    def span_s(self) -> float:
+        """The jobs' own span: first start to last finish."""
+        first = min(moment(r["started_at"]) for r in self.records)
+        last = max(moment(r["finished_at"]) for r in self.records)
+        return (last - first).total_seconds()
+
     def measure(self, services: Services, photos: list[bytes]) -> None:
         locations = services.upload(photos)
         processes = services.processes()
         before = {name: cpu_seconds(pids) for name, pids in processes.items()}
-        rate, self.records = services.run(locations)
-        self.rates.append(rate)
+        started = time.perf_counter()
+        client_rate, self.records = services.run(locations, self.fmt)
+        self.client_wall_s = time.perf_counter() - started
+        self.client_rates.append(client_rate)
+        self.rates.append(len(photos) / self.span_s)
         self.cpu_ms = {
             name: (cpu_seconds(pids) - before[name]) / len(photos) * 1000
             for name, pids in processes.items()
@@ -330,25 +429,35 @@ class EndToEnd:
 
 
 def measure_end_to_end(
-    services: Services, photos: list[bytes], batches: list[int], rounds: int, tutorial
-) -> tuple[dict[int, EndToEnd], list[float]]:  # type: ignore[no-untyped-def]
-    """Per max batch size: a fresh worker, warmed up, then rounds of (b) and (c) in turn, so
-    both see the same machine (a noisy neighbour slows both, not one)."""
-    results, tutorial_rates = {}, []
+    services: Services,
+    photos: list[bytes],
+    batches: list[int],
+    formats: list[str],
+    rounds: int,
+    loops: list[Loop],
+) -> dict[tuple[int, str], EndToEnd]:
+    """Per max batch size: a fresh worker, warmed up, then rounds of every loop and (c) in
+    turn, per format, so all see the same machine (a noisy neighbour slows all, not one)."""
+    results: dict[tuple[int, str], EndToEnd] = {}
+    locations = services.upload(photos)
     for batch in batches:
         services.start_worker(batch)
         try:
-            services.run(services.upload(photos[:4]))  # warm-up: model load, first shapes
+            for fmt in formats:  # warm-up: model load, first shapes, each encoder
+                services.run(services.upload(photos[:4]), fmt)
             skip = len(services.batch_sizes())
-            result = EndToEnd(batch)
+            for fmt in formats:
+                results[batch, fmt] = EndToEnd(batch, fmt)
             for _ in range(rounds):
-                tutorial_rates.append(tutorial())
-                result.measure(services, photos)
-            result.batch_sizes = services.batch_sizes()[skip:]
-            results[batch] = result
+                for fmt in formats:
+                    for loop in loops:
+                        loop.measure(locations, fmt, services.processes(worker=False))
+                    results[batch, fmt].measure(services, photos)
+            for fmt in formats:
+                results[batch, fmt].batch_sizes = services.batch_sizes()[skip:]
         finally:
             services.stop_worker()
-    return results, tutorial_rates
+    return results
 
 
 def measure_memory(services: Services, jobs: int, max_batch: int) -> dict[str, float]:
@@ -410,6 +519,7 @@ def main() -> None:
         default=520,
         help="the tutorial's T.Resize: the SHORT side (693 long on a 4:3 photo at 520)",
     )
+    parser.add_argument("--formats", default="png,jpeg", help="output formats, e.g. png,jpeg")
     parser.add_argument("--rounds", type=int, default=2, help="(b) and (c) rounds, alternated")
     parser.add_argument(
         "--memory-jobs",
@@ -418,6 +528,9 @@ def main() -> None:
         help="also run N jobs and compare worker RSS after 200 and N",
     )
     args = parser.parse_args()
+    formats = args.formats.split(",")
+    if not set(formats) <= {"png", "jpeg"}:
+        parser.error("--formats takes png and/or jpeg")
 
     folder = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
     weights = args.weights or write_random_weights(args.model, folder)
@@ -432,84 +545,142 @@ def main() -> None:
         f"{args.input_size}, tutorial short side {args.tutorial_size}"
     )
     sizes_text = ", ".join(f"{w}x{h}" for w, h in SIZES)
-    print(f"photos: {len(photos)} JPEGs at {sizes_text}; max batch {args.max_batch}")
-    print(f"(b) and (c) alternate over {args.rounds} rounds; figures are their means")
+    print(f"photos: {len(photos)} JPEGs at {sizes_text} in S3; max batch {args.max_batch}")
+    print(f"(b) and (c) alternate over {args.rounds} rounds per format; figures are their means")
 
     batches = sorted({1, args.max_batch})
     model_rates = {b: model_only(segmenter, photos, b) for b in batches}
     del segmenter
-    tutorial_model = load_model(args.model, weights)
+    loop_model = load_model(args.model, weights).to(device).eval()
 
     services = Services(weights, args.model, args.input_size, folder)
     try:
-        e2e, tutorial_rates = measure_end_to_end(
-            services,
-            photos,
-            batches,
-            args.rounds,
-            lambda: tutorial_loop(tutorial_model, photos, args.tutorial_size),
-        )
+        loops = [
+            Loop(
+                f"(b1) tutorial loop, short side {args.tutorial_size}",
+                loop_model,
+                short_side(args.tutorial_size),
+                device,
+                services.s3_client,
+            ),
+            Loop(
+                f"(b2) same loop, long side {args.input_size} (ours)",
+                loop_model,
+                long_side(args.input_size),
+                device,
+                services.s3_client,
+            ),
+        ]
+        e2e = measure_end_to_end(services, photos, batches, formats, args.rounds, loops)
         memory = (
             measure_memory(services, args.memory_jobs, args.max_batch) if args.memory_jobs else None
         )
     finally:
         services.close()
-    report(
-        model_rates,
-        float(np.mean(tutorial_rates)),
-        e2e,
-        args.max_batch,
-        memory,
-        args.memory_jobs,
-    )
+    report(model_rates, loops, e2e, formats, args.max_batch)
+    if memory:
+        report_memory(memory, args.memory_jobs)
 
 
 def report(
     model_rates: dict[int, float],
-    tutorial_rate: float,
-    e2e: dict[int, EndToEnd],
+    loops: list[Loop],
+    e2e: dict[tuple[int, str], EndToEnd],
+    formats: list[str],
     max_batch: int,
-    memory: dict[str, float] | None,
-    memory_jobs: int,
 ) -> None:
+    batches = sorted({batch for batch, _ in e2e})
     print()
-    print(f"{'pipeline':52} {'images/s':>9}")
+    header = "".join(f" {fmt + ' img/s':>11}" for fmt in formats)
+    print(f"{'pipeline':52}{header}")
     for b, rate in model_rates.items():
-        print(f"{'(a) model only, batch ' + str(b):52} {rate:9.2f}")
-    print(f"{'(b) tutorial loop, one at a time, in process':52} {tutorial_rate:9.2f}")
-    for b, result in e2e.items():
-        label = f"(c) end to end, max batch {b}: Redis + S3 + PostgreSQL"
-        print(f"{label:52} {result.rate:9.2f}")
-    best = e2e[max_batch]
+        print(f"{'(a) model only, batch ' + str(b):52}" + f" {rate:11.2f}" * len(formats))
+    for loop in loops:
+        print(f"{loop.label:52}" + "".join(f" {loop.rate(fmt):11.2f}" for fmt in formats))
+    for b in batches:
+        label = f"(c) end to end, max batch {b} (jobs' own span)"
+        print(f"{label:52}" + "".join(f" {e2e[b, fmt].rate:11.2f}" for fmt in formats))
     print()
-    print(f"(c)/(b) = {best.rate / tutorial_rate:.2f}x    ", end="")
-    print(f"(c)/(a) at batch {max_batch} = {best.rate / model_rates[max_batch]:.2f}x    ", end="")
-    print(f"(c) batch {max_batch} / (c) batch 1 = {best.rate / e2e[1].rate:.2f}x")
-    for b, result in e2e.items():
-        failed = sum(r["status"] != "succeeded" for r in result.records)
-        sizes = result.batch_sizes or [0]
-        print(
-            f"max batch {b}: jobs failed {failed}; model batches {len(sizes)}, "
-            f"mean size {np.mean(sizes):.1f}, max {max(sizes)}"
+    for fmt in formats:
+        best = e2e[max_batch, fmt]
+        ratios = [
+            f"(c)/{loop.label.split()[0]} = {best.rate / loop.rate(fmt):.2f}x" for loop in loops
+        ]
+        ratios.append(f"(c)/(a) at batch {max_batch} = {best.rate / model_rates[max_batch]:.2f}x")
+        ratios.append(f"(c) batch {max_batch} / batch 1 = {best.rate / e2e[1, fmt].rate:.2f}x")
+        print(f"{fmt}: " + "    ".join(ratios))
+    for loop in loops:
+        for fmt in formats:
+            print(f"{loop.label.split()[0]} {fmt}, ms per photo: " + per_stage(loop.stage_ms[fmt]))
+            print("  CPU ms per photo: " + per_process(loop.cpu_ms[fmt]))
+    for (b, fmt), result in e2e.items():
+        report_end_to_end(result, b, fmt)
+
+
+def per_stage(ms: dict[str, float]) -> str:
+    return ", ".join(f"{stage} {value:.0f}" for stage, value in ms.items()) + (
+        f"; sum {sum(ms.values()):.0f}"
+    )
+
+
+def per_process(ms: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.0f}" for name, value in ms.items()) + (
+        f"; total {sum(ms.values()):.0f}"
+    )
+
+
+def report_end_to_end(result: EndToEnd, batch: int, fmt: str) -> None:
+    """Stage times from the last round's job records, and where the rest of the wall went."""
+    records = result.records
+    count = len(records)
+    failed = sum(r["status"] != "succeeded" for r in records)
+    sizes = result.batch_sizes or [0]
+    print(
+        f"(c) max batch {batch}, {fmt}: jobs failed {failed}; model batches {len(sizes)}, "
+        f"mean size {np.mean(sizes):.1f}, max {max(sizes)}"
+    )
+    stages = sorted({st for r in records for st in r["timings_ms"] or {}})
+    means = {
+        st: float(np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in records])) for st in stages
+    }
+    print("  job stage ms per photo (timings_ms, wall inside the job): " + per_stage(means))
+    in_job = float(
+        np.mean(
+            [
+                (moment(r["finished_at"]) - moment(r["started_at"])).total_seconds() * 1000
+                for r in records
+            ]
         )
-        stages = sorted({st for r in result.records for st in r["timings_ms"] or {}})
-        means = {
-            st: np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in result.records])
-            for st in stages
-        }
-        print("  mean stage ms: " + ", ".join(f"{st} {ms:.0f}" for st, ms in means.items()))
-        capacity = (os.cpu_count() or 1) / result.rates[-1] * 1000
-        print(
-            "  CPU ms per job: "
-            + ", ".join(f"{name} {ms:.0f}" for name, ms in result.cpu_ms.items())
-            + f"; total {sum(result.cpu_ms.values()):.0f} of {capacity:.0f} available"
+    )
+    queued = float(
+        np.mean(
+            [
+                (moment(r["started_at"]) - moment(r["created_at"])).total_seconds() * 1000
+                for r in records
+            ]
         )
-    if memory:
-        print(f"worker RSS over {memory_jobs} jobs, MB: ", end="")
-        print(", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
-        for kind in ("peak", "end"):
-            growth = (memory[f"last 200 {kind}"] / memory[f"first 200 {kind}"] - 1) * 100
-            print(f"  {kind}: last 200 vs first 200 jobs {growth:+.1f}%")
+    )
+    print(
+        f"  per job: queued {queued:.0f} ms before its start; started to finished {in_job:.0f} ms,"
+        f" of which {in_job - sum(means.values()):.0f} outside its stages"
+    )
+    cores = os.cpu_count() or 1
+    available = cores * result.client_wall_s / count * 1000
+    used = sum(result.cpu_ms.values())
+    print("  CPU ms per photo: " + per_process(result.cpu_ms))
+    print(
+        f"  wall: jobs' span {result.span_s:.2f} s, client submit-to-done "
+        f"{result.client_wall_s:.2f} s; {cores} cores give {available:.0f} CPU ms per photo "
+        f"over the client's window, {used:.0f} used, {available - used:.0f} idle"
+    )
+
+
+def report_memory(memory: dict[str, float], memory_jobs: int) -> None:
+    print(f"worker RSS over {memory_jobs} jobs, MB: ", end="")
+    print(", ".join(f"{name} {mb:.0f}" for name, mb in memory.items()))
+    for kind in ("peak", "end"):
+        growth = (memory[f"last 200 {kind}"] / memory[f"first 200 {kind}"] - 1) * 100
+        print(f"  {kind}: last 200 vs first 200 jobs {growth:+.1f}%")
 
 
 if __name__ == "__main__":
