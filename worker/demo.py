@@ -87,9 +87,10 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
         location = join(settings.input_prefix, f"demo-{run_id}/{name}")
         storage.upload_file(photos / name, location)
         inputs[name] = location
-    echo(f"uploaded {len(inputs)} photos to {settings.input_prefix}:")
+    echo(f"uploaded {len(PHOTOS)} photos and a background to {settings.input_prefix}:")
     for description in PHOTO_DESCRIPTIONS:
         echo(f"  {description}")
+    echo(f"  background: {BACKGROUND.removesuffix('.jpg')} (for replace)")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     worker_log = output_dir / "worker.log"
