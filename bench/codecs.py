@@ -7,12 +7,15 @@ an RGBA cut-out (a horse silhouette with a soft edge, straight alpha). Upscaled 
 smoother than camera photos, so every encoder's files are smaller than on real shots; the
 ratios between encoders are what this measures.
 
-Candidates that are not installed are skipped with a line saying so. Packages measured, and
-how they are kept (latest release on PyPI at the time of writing):
+Candidates that are not installed are skipped with a line saying so; only Pillow, OpenCV and
+fpng are worker dependencies (`pip install imagecodecs pyspng-seunglab simplejpeg` for the
+rest). Packages measured, and how they are kept (latest release on PyPI at the time of writing):
   Pillow          libpng/zlib, libjpeg-turbo, libwebp   monthly-quarterly releases
   opencv-python   libpng, libjpeg-turbo                 several releases a year
-  fpng            py-fpng-nb 0.1.0, Dec 2024, wraps richgel999/fpng (one SIMD-tuned
-                  deflate, RGB/RGBA 8-bit only, no ancillary chunks)
+  fpng            0.1.0, Dec 2024, the only release (py-fpng-nb, MIT, wheels for Linux
+                  x86-64/aarch64, macOS, Windows); wraps richgel999/fpng, a small, finished
+                  SIMD encoder: 8-bit RGB/RGBA only, no ancillary chunks (the worker splices
+                  in iCCP itself), "small" falls back to Pillow should it ever go stale
   pyspng-seunglab 1.1.3, Mar 2026 (libspng; encode with a zlib level, grey to RGBA)
   imagecodecs     2026.3.6, Mar 2026 (C. Gohlke; libpng, libspng, libjpeg-turbo, libwebp;
                   a 45 MB wheel)
@@ -115,6 +118,23 @@ def png_encoders() -> dict[str, Encoder]:
         encoders[f"worker encode_image ({mode})"] = lambda px, m=mode: imageio.encode_image(
             px, "png", png_compression=m
         )
+    print("  (fpng, pyspng, imagecodecs cannot embed an ICC profile; the worker splices one in)")
+    return encoders
+
+
+def turbojpeg_library(turbo: object) -> object | None:
+    try:
+        return turbo.TurboJPEG()
+    except RuntimeError as exc:  # the wheel is Python only; libturbojpeg comes from the system
+        print(f"  (skipping PyTurboJPEG: {exc})")
+        return None
+
+
+def mask_encoders() -> dict[str, Encoder]:
+    encoders: dict[str, Encoder] = {
+        f"Pillow PNG L level {level}": pillow("PNG", compress_level=level) for level in (1, 3)
+    }
+    encoders["worker encode_mask"] = imageio.encode_mask
     return encoders
 
 
@@ -129,8 +149,7 @@ def lossy_encoders() -> dict[str, Encoder]:
         encoders["simplejpeg q92 4:2:0"] = lambda px: simplejpeg.encode_jpeg(
             px, quality=92, colorspace="RGB", colorsubsampling="420"
         )
-    if turbo := optional("turbojpeg"):
-        jpeg = turbo.TurboJPEG()
+    if (turbo := optional("turbojpeg")) and (jpeg := turbojpeg_library(turbo)):
         encoders["PyTurboJPEG q92 4:2:0"] = lambda px: jpeg.encode(
             px, quality=92, pixel_format=turbo.TJPF_RGB, jpeg_subsample=turbo.TJSAMP_420
         )
@@ -210,6 +229,8 @@ def main() -> None:
     rgba = {f"cut-out {label}": cutout(*size) for label, size in sizes.items()}
 
     encode_table("PNG encode (lossless, checked)", png_encoders(), {**rgb, **rgba}, args.repeat)
+    masks = {f"mask {label}": cutout(*size)[:, :, 3].copy() for label, size in sizes.items()}
+    encode_table("PNG encode of masks (greyscale, checked)", mask_encoders(), masks, args.repeat)
     encode_table("JPEG / WebP encode", lossy_encoders(), rgb, args.repeat)
     twelve = photo("coffee", *SIZES["12 MP"])
     buffer = io.BytesIO()
@@ -218,8 +239,9 @@ def main() -> None:
 
     print(
         "\nChosen: PNG through fpng by default (BACKDROP_PNG_COMPRESSION=fast), Pillow zlib"
-        " level 3 with BACKDROP_PNG_COMPRESSION=small; masks (greyscale) stay on Pillow;"
-        " JPEG, WebP, AVIF unchanged."
+        " level 3 with BACKDROP_PNG_COMPRESSION=small. Masks (greyscale, which fpng cannot"
+        " write) stay on Pillow. JPEG, WebP, AVIF stay on Pillow: the JPEG encoders are all"
+        " libjpeg-turbo, a few ms apart at 2 MP."
     )
 
 

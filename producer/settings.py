@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     # photo's cost is bounded. (torchvision evaluated these weights with the SHORT side at
     # 520: 693 here matches that for 4:3 photos, at 1.8x the model time.)
     model_input_size: int = Field(default=520, ge=64, le=2048)
-    # PNG outputs: "fast" (fpng, ~15 ms of CPU at 2 MP) or "small" (zlib level 3, ~20x the
-    # CPU for files ~15-25% smaller). See bench/codecs.py.
+    # PNG outputs: "fast" (fpng, ~15 ms of CPU at 2 MP) or "small" (zlib level 3, 10-25x
+    # the CPU for files 13-25% smaller). See bench/codecs.py.
     png_compression: PngCompression = "fast"
 
     max_input_bytes: int = Field(default=50 * 1024 * 1024, ge=1)

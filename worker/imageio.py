@@ -46,8 +46,9 @@ _WEBP_MAX_SIDE = 16383
 # the caller asked for fidelity, so keep full chroma (4:4:4), else 4:2:0 for size.
 _FULL_CHROMA_QUALITY = 90
 # png_compression "small": zlib level 3 is within a few percent of level 6's size on photos
-# at about half the time. "fast" is fpng: ~20x less CPU than level 3 for files ~15-30% larger
-# (bench/codecs.py); it writes 8-bit RGB/RGBA only, so greyscale masks stay on zlib.
+# at about half the time. "fast" is fpng: 1/10 to 1/25 of level 3's CPU for files 15-33%
+# larger (bench/codecs.py). It writes 8-bit RGB/RGBA only, so greyscale masks stay on zlib,
+# which on a mostly flat mask costs ~20 ms at 2 MP anyway.
 _PNG_COMPRESS_LEVEL = 3
 _PNG_SIGNATURE_AND_IHDR = 8 + 4 + 4 + 13 + 4  # signature, then IHDR's length, type, data, CRC
 # libavif's speed 8: a 2.5 MP photo in ~0.9 s of CPU against ~1.8 s at its default 6, for
