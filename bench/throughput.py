@@ -89,6 +89,17 @@ JPEG_QUALITY = 92  # the job's default jpeg_quality
 # The worker keeps full chroma at quality >= 90; OpenCV's 4:4:4 code.
 JPEG_444 = 0x111111
 LOOP_STAGES = ("download", "decode", "segment", "composite", "encode", "upload")
+# A job's stages in the order it runs them; any other stage a record names comes after.
+JOB_STAGES = (
+    "download",
+    "decode",
+    "segment",
+    "refine",
+    "decontaminate",
+    "composite",
+    "encode",
+    "upload",
+)
 
 
 def make_photos(count: int, sizes: tuple[tuple[int, int], ...] = SIZES) -> list[bytes]:
@@ -639,11 +650,15 @@ def report_end_to_end(result: EndToEnd, batch: int, fmt: str) -> None:
         f"(c) max batch {batch}, {fmt}: jobs failed {failed}; model batches {len(sizes)}, "
         f"mean size {np.mean(sizes):.1f}, max {max(sizes)}"
     )
-    stages = sorted({st for r in records for st in r["timings_ms"] or {}})
+    named = {st for r in records for st in r["timings_ms"] or {}}
+    stages = [st for st in JOB_STAGES if st in named] + sorted(named - set(JOB_STAGES))
     means = {
         st: float(np.mean([(r["timings_ms"] or {}).get(st, 0.0) for r in records])) for st in stages
     }
-    print("  job stage ms per photo (timings_ms, wall inside the job): " + per_stage(means))
+    print(
+        "  job stage ms per photo (timings_ms: wall, overlapping other jobs' stages): "
+        + per_stage(means)
+    )
     in_job = float(
         np.mean(
             [
@@ -671,7 +686,8 @@ def report_end_to_end(result: EndToEnd, batch: int, fmt: str) -> None:
     print(
         f"  wall: jobs' span {result.span_s:.2f} s, client submit-to-done "
         f"{result.client_wall_s:.2f} s; {cores} cores give {available:.0f} CPU ms per photo "
-        f"over the client's window, {used:.0f} used, {available - used:.0f} idle"
+        f"over the client's window, {used:.0f} used by these, {available - used:.0f} idle "
+        "or other processes'"
     )
 
 
