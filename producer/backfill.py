@@ -308,12 +308,15 @@ def _by_output_owner(
 ) -> tuple[list[Planned], list[tuple[str, Planned]]]:
     """Split photos to process into new jobs and (job id, photo) for final backfill jobs that
     already own the output: an output has one job, so reprocessing requeues that job. An
-    output held by a job in flight, or by a job no backfill made, is left alone (skipped)."""
+    output held by a job in flight, by a job no backfill made, or by another photo's job (two
+    names that map to one output in different chunks) is left alone (skipped)."""
     outputs = [p.request.output for p in fresh]
     owners = {
         row.output: row
         for row in session.execute(
-            select(Job.id, Job.output, Job.status, Job.backfill_id).where(Job.output.in_(outputs))
+            select(Job.id, Job.input, Job.output, Job.status, Job.backfill_id).where(
+                Job.output.in_(outputs)
+            )
         )
     }
     new: list[Planned] = []
@@ -322,7 +325,11 @@ def _by_output_owner(
         owner = owners.get(candidate.request.output)
         if owner is None:
             new.append(candidate)
-        elif owner.backfill_id is not None and JobStatus(owner.status).final:
+        elif (
+            owner.backfill_id is not None
+            and JobStatus(owner.status).final
+            and owner.input == candidate.request.input
+        ):
             adopt.append((owner.id, candidate))
         else:
             log.warning("%s: output held by job %s; skipped", candidate.item.location, owner.id)

@@ -483,6 +483,25 @@ def test_photos_whose_names_differ_only_in_extension_get_distinct_outputs(
     }
 
 
+def test_a_later_photo_never_takes_over_the_output_of_another_photo(
+    engine: Backfills, settings: Settings, s3_server: str, photo_bucket: str, out: str
+) -> None:
+    # `cat` (no extension) and `cat.png` both map to cat.png: in one listing they meet in one
+    # chunk; here they come from two runs (as from two chunks), the first already final.
+    first, second = (f"stem-{uuid.uuid4().hex[:6]}/" for _ in range(2))
+    upload_many(
+        s3_server, photo_bucket, {first + "cat": tiny_png(1), second + "cat.png": tiny_png(2)}
+    )
+    with FakeWorker(settings, out):
+        earlier = run_backfill(engine, f"s3://{photo_bucket}/{first}", out)
+        later = run_backfill(engine, f"s3://{photo_bucket}/{second}", out)
+
+    (job,) = jobs_of(settings, earlier["id"])
+    assert job.output == f"{out}/cat.png" and job.input.endswith(f"/{first}cat")
+    assert job.status == "succeeded" and job.attempts == 1
+    assert later["counts"]["submitted"] == 0 and jobs_of(settings, later["id"]) == []
+
+
 def test_a_backfill_whose_first_jobs_all_fail_access_denied_stops_and_cancels_the_rest(
     engine: Backfills, settings: Settings, photo_bucket: str, out: str
 ) -> None:
