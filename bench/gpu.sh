@@ -10,7 +10,7 @@
 #
 #   bench/gpu.sh              # on the GPU machine
 #   bench/gpu.sh --dry-run    # a small CPU run of the same steps, to check the plumbing
-#   GPU_BENCH_PHOTOS=96 bench/gpu.sh   # more photos per end-to-end run (default 32)
+#   GPU_BENCH_PHOTOS=96 bench/gpu.sh   # more photos per end-to-end run (default 48)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -20,7 +20,7 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
 esac
-PHOTOS="${GPU_BENCH_PHOTOS:-32}"
+PHOTOS="${GPU_BENCH_PHOTOS:-48}"
 SAMPLES="$(mktemp -d)"
 trap 'rm -rf "$SAMPLES"' EXIT
 

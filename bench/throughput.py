@@ -20,10 +20,11 @@ and JPEG):
       and waits.
 
 Each round runs (b1), (b2) and (c) in turn for every format, so a noisy neighbour slows all
-of them, not one. Per photo it prints the stage times the job records give (`timings_ms`),
-the loops' own stage times, the CPU each process used (worker, S3 server, PostgreSQL, Redis,
-this process), and where the rest of the wall time went: queueing before a job starts, time
-inside a job outside its stages, and idle cores.
+of them, not one; the loops run beside the max-batch worker only, as their ratios are to it.
+Per photo it prints the stage times the job records give (`timings_ms`), the loops' own
+stage times, the CPU each process used (worker, S3 server, PostgreSQL, Redis, this process),
+and where the rest of the wall time went: queueing before a job starts, time inside a job
+outside its stages, and idle cores (or cores other processes took).
 
 Random-init weights unless --weights is given: speed does not depend on their values, as
 long as the masks they give vary (see write_random_weights).
@@ -447,8 +448,8 @@ def measure_end_to_end(
     rounds: int,
     loops: list[Loop],
 ) -> dict[tuple[int, str], EndToEnd]:
-    """Per max batch size: a fresh worker, warmed up, then rounds of every loop and (c) in
-    turn, per format, so all see the same machine (a noisy neighbour slows all, not one)."""
+    """Per max batch size: a fresh worker, warmed up, then rounds of (c), per format; beside
+    the largest, every loop in turn with it, so they see the same machine."""
     results: dict[tuple[int, str], EndToEnd] = {}
     locations = services.upload(photos)
     for batch in batches:
@@ -461,7 +462,7 @@ def measure_end_to_end(
                 results[batch, fmt] = EndToEnd(batch, fmt)
             for _ in range(rounds):
                 for fmt in formats:
-                    for loop in loops:
+                    for loop in loops if batch == batches[-1] else []:
                         loop.measure(locations, fmt, services.processes(worker=False))
                     results[batch, fmt].measure(services, photos)
             for fmt in formats:
