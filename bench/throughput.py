@@ -218,26 +218,36 @@ class Loop:
             self.one(location, fmt, ms)
         self.rates.setdefault(fmt, []).append(len(locations) / (time.perf_counter() - started))
         self.stage_ms[fmt] = {stage: ms[stage] / len(locations) for stage in LOOP_STAGES}
-        self.cpu_ms[fmt] = {
-            name: (cpu_seconds(pids) - before[name]) / len(locations) * 1000
-            for name, pids in processes.items()
-        }
+        self.cpu_ms[fmt] = cpu_ms_per_photo(before, processes, len(locations))
 
     def rate(self, fmt: str) -> float:
         return float(np.mean(self.rates[fmt]))
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU the processes have used so far (threads included)."""
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU each process has used so far (threads included)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    seconds = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone: a PostgreSQL backend that closed
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def cpu_ms_per_photo(
+    before: dict[str, dict[int, float]], processes: dict[str, list[int]], photos: int
+) -> dict[str, float]:
+    """CPU since `before`, per photo, by name. A process that exited in between (a Redis or
+    PostgreSQL backend of someone else's) drops out rather than counting negative."""
+    ms = {}
+    for name, pids in processes.items():
+        now = cpu_seconds(pids)
+        used = sum(now[pid] - before[name].get(pid, 0.0) for pid in now)
+        ms[name] = used / photos * 1000
+    return ms
 
 
 def pids_named(name: str) -> list[int]:
@@ -434,10 +444,7 @@ class EndToEnd:
         self.client_wall_s = time.perf_counter() - started
         self.client_rates.append(client_rate)
         self.rates.append(len(photos) / self.span_s)
-        self.cpu_ms = {
-            name: (cpu_seconds(pids) - before[name]) / len(photos) * 1000
-            for name, pids in processes.items()
-        }
+        self.cpu_ms = cpu_ms_per_photo(before, processes, len(photos))
 
 
 def measure_end_to_end(
