@@ -20,10 +20,10 @@ from producer.errors import (
     AccessDenied,
     BackdropError,
     BackgroundNotFound,
+    DeviceUnavailable,
     InputNotFound,
     InvalidRequest,
     InvalidTransition,
-    PermanentError,
 )
 from producer.locations import FILE_SCHEME, real_path
 from producer.models import JobStatus
@@ -52,10 +52,11 @@ JOB_FIELDS = (
     "overwrite",
 )
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class DeviceUnavailable(PermanentError):
-    code = "device_unavailable"
+device_option = click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    help="where the model runs [default: BACKDROP_DEVICE or auto]",
+)
 
 
 def _fail(code: str, message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
@@ -204,11 +205,7 @@ def _check_device(device: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="also write the final mask (PNG) here (one input only)",
 )
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    help="where the model runs [default: BACKDROP_DEVICE or auto]",
-)
+@device_option
 @click.option(
     "--model",
     type=click.Choice(list(get_args(ModelName))),
@@ -660,11 +657,7 @@ def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[st
     type=click.IntRange(1, 512),
     help="job threads [default: 2 × max batch]",
 )
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    help="where the model runs [default: BACKDROP_DEVICE or auto]",
-)
+@device_option
 @click.option(
     "--max-batch",
     type=click.IntRange(1, 256),

@@ -96,3 +96,9 @@ class WorkerLost(PermanentError):
     """The job's worker died on it too many times (a poison photo)."""
 
     code = "worker_lost"
+
+
+class DeviceUnavailable(PermanentError):
+    """The requested device (e.g. --device cuda) is not on this host."""
+
+    code = "device_unavailable"
