@@ -28,7 +28,7 @@ from producer.db import session_scope, upgrade
 from producer.request import JobRequest
 from producer.settings import Settings
 from producer.storage import Storage
-from tests.conftest import poll_until
+from tests.conftest import poll_until, redis_url_for_tests
 from tests.services import WorkerProcess
 from tests.stack import Stack, build_stack, small_photo
 
@@ -293,3 +293,21 @@ def test_the_embedded_broker_survives_garbage_files_in_its_queue_folder(
         assert "Traceback" not in worker.log()
     finally:
         worker.stop()
+
+
+def test_a_channel_left_over_from_a_closed_connection_raises_a_connection_error() -> None:
+    """When Redis restarts, Celery closes the lost connection while one of its channels may
+    still be reconnecting; that channel must report a connection error (Celery reconnects)
+    rather than an AttributeError (Celery calls it unrecoverable and the worker dies)."""
+    from kombu import Connection
+
+    from worker.messages import RedisTransport
+
+    connection = Connection(redis_url_for_tests(), transport=RedisTransport)
+    channel = connection.channel()
+    channel.client.ping()
+    connection.close()
+    channel._pool = None  # as after the lost connection: the next command builds a new pool
+
+    with pytest.raises(redis.ConnectionError), channel.conn_or_acquire() as client:
+        client.ping()

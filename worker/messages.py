@@ -34,6 +34,7 @@ from kombu.message import Message
 from kombu.serialization import prepare_accept_content
 from kombu.transport import TRANSPORT_ALIASES, filesystem, redis
 from kombu.utils.json import dumps
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer.broker import MAX_RETRY_DELAY_S, TASK_NAME
 
@@ -151,6 +152,16 @@ class RedisChannel(redis.Channel):
                 raise
             drop(_unreadable(exc))
             raise Empty() from None
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # kombu forgets a transport's connection details when Celery closes a connection it
+        # lost (Redis restarted); a channel of that connection still retrying then read None
+        # and the worker died with an AttributeError Celery calls unrecoverable. A connection
+        # error sends it down Celery's reconnect path instead (kombu issue 582).
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise RedisConnectionError("the broker connection was closed while reconnecting")
+        return super()._connparams(asynchronous=asynchronous)
 
     @property
     def _passed_on(self) -> tuple[type[BaseException], ...]:
