@@ -28,7 +28,7 @@ from producer.errors import (
 from producer.locations import FILE_SCHEME, real_path
 from producer.models import JobStatus
 from producer.outputs import STDIO, format_for, plan_outputs
-from producer.request import FOREGROUND_CLASSES, Effect, OutputFormat, Queue
+from producer.request import FOREGROUND_CLASSES, Crop, Effect, OutputFormat, Queue
 from producer.settings import ModelName, configure, get_settings
 
 EXIT_FAILED = 1
@@ -50,6 +50,9 @@ JOB_FIELDS = (
     "queue",
     "fail_on_no_subject",
     "overwrite",
+    "crop",
+    "margin",
+    "size",
 )
 DEVICES = ("auto", "cpu", "cuda")
 device_option = click.option(
@@ -143,6 +146,23 @@ def effect_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 default=None,
                 help="fail with no_subject when the photo has none of the classes "
                 "[default: the job default]",
+            ),
+            click.option(
+                "--crop",
+                type=click.Choice([c.value for c in Crop]),
+                help="subject: crop to the subject's box plus --margin [default: none]",
+            ),
+            click.option(
+                "--margin",
+                type=click.FloatRange(0, 1),
+                help="with --crop subject: space around the subject, a share of the box's "
+                "longer side [default: 0.05]",
+            ),
+            click.option(
+                "--size",
+                metavar="WxH",
+                help="fit the result into a W×H canvas, centred, never upscaled, "
+                "filled with the background",
             ),
         ],
     )

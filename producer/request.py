@@ -50,6 +50,9 @@ FOREGROUND_CLASSES: tuple[str, ...] = VOC_CLASSES[1:]
 
 _HEX_COLOUR = re.compile(r"#[0-9A-Fa-f]{6}")
 MAX_CLASSES = 100
+_CANVAS_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
+# A canvas side beyond this is no marketplace image, and its buffers would cost gigabytes.
+MAX_CANVAS_SIDE = 8192
 
 
 def _printable(value: str) -> str:
@@ -96,6 +99,11 @@ class OutputFormat(StrEnum):
     AVIF = "avif"
 
 
+class Crop(StrEnum):
+    NONE = "none"
+    SUBJECT = "subject"
+
+
 class Queue(StrEnum):
     INTERACTIVE = "interactive"
     BULK = "bulk"
@@ -122,11 +130,27 @@ class JobRequest(BaseModel):
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 92
     # Outputs never replace an object this job did not write (output_exists) unless asked.
     overwrite: StrictBool = False
+    crop: Crop = Crop.NONE
+    margin: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.05
+    size: Annotated[str, Strict()] | None = None
 
     @field_validator("format", mode="before")
     @classmethod
     def _jpg_alias(cls, value: object) -> object:
         return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+
+    @field_validator("size")
+    @classmethod
+    def _canvas_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _CANVAS_SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"expected WxH in pixels, e.g. 1000x1000, got {value[:40]!r}")
+        width, height = int(match[1]), int(match[2])
+        if not (1 <= width <= MAX_CANVAS_SIDE and 1 <= height <= MAX_CANVAS_SIDE):
+            raise ValueError(f"each side must be 1 to {MAX_CANVAS_SIDE} pixels, got {value!r}")
+        return f"{width}x{height}"
 
     @field_validator("classes")
     @classmethod
@@ -170,11 +194,21 @@ class JobRequest(BaseModel):
             raise ValueError("output must not overwrite the input (nor the mask or background)")
         if self.mask_output is not None and self.mask_output in sources | {self.output}:
             raise ValueError("mask_output must not overwrite an input or the output")
+        if "margin" in self.model_fields_set and self.crop != Crop.SUBJECT:
+            raise ValueError("margin applies only with crop 'subject'")
         return self
 
     @property
     def transparent(self) -> bool:
         return self.effect == Effect.REMOVE and self.background == "transparent"
+
+    @property
+    def canvas(self) -> tuple[int, int] | None:
+        """`size` as (width, height)."""
+        if self.size is None:
+            return None
+        width, height = self.size.split("x")
+        return int(width), int(height)
 
     @property
     def class_indices(self) -> list[int]:
@@ -188,6 +222,10 @@ class JobRequest(BaseModel):
         # made before the flag existed stay what they were.
         if not self.overwrite:
             per_job.add("overwrite")
+        if self.crop == Crop.NONE:
+            per_job.update({"crop", "margin"})
+        if self.size is None:
+            per_job.add("size")
         return self.model_dump(mode="json", exclude=per_job)
 
 
