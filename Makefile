@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format docs bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: install
 format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# docs/reference.md is generated from the code; tests/test_reference.py checks it is current.
+docs: install
+	$(PY) -m producer.reference --write
 
 bench: install
 	$(PY) bench/refine_error.py
