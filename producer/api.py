@@ -576,6 +576,11 @@ def _add_ops_routes(
         """Counts, throughput, latency percentiles, failures, queue depth, live workers."""
         return JSONResponse(stats.collect(settings))
 
+    @app.get("/v1/stats/series", dependencies=authenticated, tags=["ops"])
+    def get_stats_series(window: Literal["1h", "24h"] = "1h") -> JSONResponse:
+        """Per-minute (1h) or per-quarter-hour (24h) throughput, queue depth and latency."""
+        return JSONResponse(stats.collect_series(settings, window))
+
     @app.get("/metrics", tags=["ops"])
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

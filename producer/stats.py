@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Integer, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from producer.broker import QUEUE_NAMES
@@ -299,3 +299,194 @@ def _pair(values: dict[str, float | None]) -> str:
         f"{name} {value:>10.1f}" if value is not None else f"{name} {'-':>10}"
         for name, value in values.items()
     )
+
+
+# --- time series for the dashboard's charts ----------------------------------------------
+
+# window name → (length, bucket): 60 one-minute buckets, or 96 of a quarter hour.
+SERIES_WINDOWS: dict[str, tuple[timedelta, timedelta]] = {
+    "1h": (timedelta(hours=1), timedelta(minutes=1)),
+    "24h": (timedelta(hours=24), timedelta(minutes=15)),
+}
+OUTCOMES = ("succeeded", "failed", "no_subject", "canceled")
+_FINAL = [status.value for status in JobStatus if status.final]
+# Latencies are counted into geometric bins 25% apart (5 ms to ~2 days) in SQL, so a window
+# of half a million jobs sends back a few hundred rows; a percentile is then exact to its bin.
+LATENCY_BIN_RATIO = 1.25
+LATENCY_EDGES_MS: tuple[float, ...] = tuple(5.0 * LATENCY_BIN_RATIO**i for i in range(80))
+
+
+def collect_series(settings: Settings, window: str, *, now: datetime | None = None) -> Stats:
+    """The dashboard's charts over the last `window` ("1h" or "24h")."""
+    with session_scope(settings.database_url) as session:
+        return series(session, window, now or datetime.now(UTC))
+
+
+def series(session: Session, window: str, now: datetime) -> Stats:
+    """Per-bucket throughput by outcome (jobs/min), queue depth per queue at each bucket's
+    end, and p50/p95 latency (created → finished) of the jobs that succeeded in it, per queue.
+
+    Depth is derived from the job table, not sampled: the jobs queued now, minus those created
+    after the moment, plus those that left the queue (started, or canceled unstarted) after
+    it. A retried job counts as waiting since its first creation."""
+    length, bucket = SERIES_WINDOWS[window]
+    count = int(length / bucket)
+    bucket_s = bucket.total_seconds()
+    # Buckets aligned to the clock; the last one is the one in progress.
+    aligned = math.floor(now.timestamp() / bucket_s) * bucket_s
+    start = datetime.fromtimestamp(aligned - (count - 1) * bucket_s, UTC)
+    bucketing = _Bucketing(session.get_bind().dialect.name, start, bucket_s)
+    queues = list(QUEUE_NAMES)
+    return {
+        "window": window,
+        "bucket_s": int(bucket_s),
+        "start": start.isoformat(),
+        "generated_at": now.isoformat(),
+        "times": [(start + i * bucket).isoformat() for i in range(count)],
+        "throughput_per_min": _outcomes(session, bucketing, count, start),
+        "queue_depth": _depths(session, bucketing, count, start, queues),
+        "latency_ms": _latencies(session, bucketing, count, start, queues),
+        "latency_basis": "created_at → finished_at of succeeded jobs",
+    }
+
+
+class _Bucketing:
+    """SQL for a timestamp's bucket index and a job's latency, per dialect (SQLite keeps
+    timestamps as text; PostgreSQL as timestamptz)."""
+
+    def __init__(self, dialect: str, start: datetime, bucket_s: float) -> None:
+        self.sqlite = dialect == "sqlite"
+        self.start = start
+        self.bucket_s = bucket_s
+
+    def index(self, column: Any) -> Any:
+        if self.sqlite:
+            seconds = (func.julianday(column) - func.julianday(_sqlite_text(self.start))) * 86400
+            # Rows are at or after the start: truncation is floor.
+            return cast(seconds / self.bucket_s, Integer)
+        seconds = func.extract("epoch", column - self.start)
+        return cast(func.floor(seconds / self.bucket_s), Integer)
+
+    def latency_ms(self) -> Any:
+        if self.sqlite:
+            return (func.julianday(Job.finished_at) - func.julianday(Job.created_at)) * 86_400_000
+        return func.extract("epoch", Job.finished_at - Job.created_at) * 1000
+
+    def latency_bin(self) -> Any:
+        latency = self.latency_ms()
+        edges = [(latency < edge, i) for i, edge in enumerate(LATENCY_EDGES_MS)]
+        return case(*edges, else_=len(LATENCY_EDGES_MS))
+
+
+def _sqlite_text(moment: datetime) -> str:
+    # How SQLAlchemy stores a DateTime on SQLite: naive UTC text.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+
+
+def _outcomes(
+    session: Session, bucketing: _Bucketing, count: int, start: datetime
+) -> dict[str, list[float]]:
+    per_min = 60 / bucketing.bucket_s
+    result = {outcome: [0.0] * count for outcome in OUTCOMES}
+    index = bucketing.index(Job.finished_at).label("bucket")
+    query = (
+        select(index, Job.status, Job.error_code, func.count())
+        .where(Job.finished_at >= start, Job.status.in_(_FINAL))
+        .group_by(index, Job.status, Job.error_code)
+    )
+    for bucket, status, code, jobs in session.execute(query):
+        outcome = "no_subject" if code == "no_subject" else status
+        if 0 <= bucket < count and outcome in result:
+            result[outcome][bucket] = round(result[outcome][bucket] + jobs * per_min, 3)
+    return result
+
+
+def _depths(
+    session: Session, bucketing: _Bucketing, count: int, start: datetime, queues: list[str]
+) -> dict[str, list[int]]:
+    waiting_now = dict.fromkeys(queues, 0)
+    query = select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED.value)
+    for queue, jobs in session.execute(query.group_by(Job.queue)):
+        waiting_now[queue] = jobs
+    # change[q][b]: how the queue grew during bucket b (arrivals − departures).
+    change = {queue: [0] * count for queue in waiting_now}
+    arrivals = _per_bucket(session, bucketing, Job.created_at, start)
+    starts = _per_bucket(session, bucketing, Job.started_at, start)
+    dropped = _per_bucket(
+        session,
+        bucketing,
+        Job.finished_at,
+        start,
+        Job.started_at.is_(None),
+        Job.status == JobStatus.CANCELED.value,
+    )
+    for sign, rows in ((1, arrivals), (-1, starts), (-1, dropped)):
+        for (queue, bucket), jobs in rows.items():
+            if queue in change and 0 <= bucket < count:
+                change[queue][bucket] += sign * jobs
+    depths: dict[str, list[int]] = {}
+    for queue, growth in change.items():
+        level = waiting_now[queue]
+        backwards = []
+        for bucket in reversed(range(count)):
+            backwards.append(max(0, level))
+            level -= growth[bucket]
+        depths[queue] = backwards[::-1]
+    return depths
+
+
+def _per_bucket(
+    session: Session, bucketing: _Bucketing, column: Any, start: datetime, *where: Any
+) -> dict[tuple[str, int], int]:
+    index = bucketing.index(column).label("bucket")
+    query = (
+        select(Job.queue, index, func.count())
+        .where(column >= start, *where)
+        .group_by(Job.queue, index)
+    )
+    return {(queue, bucket): jobs for queue, bucket, jobs in session.execute(query)}
+
+
+def _latencies(
+    session: Session, bucketing: _Bucketing, count: int, start: datetime, queues: list[str]
+) -> dict[str, dict[str, list[float | None]]]:
+    histograms: dict[str, list[dict[int, int]]] = {q: [{} for _ in range(count)] for q in queues}
+    index = bucketing.index(Job.finished_at).label("bucket")
+    latency_bin = bucketing.latency_bin().label("bin")
+    query = (
+        select(Job.queue, index, latency_bin, func.count())
+        .where(Job.finished_at >= start, Job.status == JobStatus.SUCCEEDED.value)
+        .group_by(Job.queue, index, latency_bin)
+    )
+    for queue, bucket, latency, jobs in session.execute(query):
+        if 0 <= bucket < count:
+            histograms.setdefault(queue, [{} for _ in range(count)])[bucket][latency] = jobs
+    return {
+        queue: {
+            name: [histogram_percentile(h, q) for h in per_bucket]
+            for name, q in PERCENTILES.items()
+        }
+        for queue, per_bucket in histograms.items()
+    }
+
+
+def histogram_percentile(bins: dict[int, int], q: float) -> float | None:
+    """The q-th percentile of latencies counted into LATENCY_EDGES_MS bins, interpolated
+    geometrically inside its bin (linearly in the first, which starts at 0)."""
+    total = sum(bins.values())
+    if total == 0:
+        return None
+    rank = q / 100 * total
+    seen = 0
+    for index in sorted(bins):
+        if seen + bins[index] >= rank:
+            if index >= len(LATENCY_EDGES_MS):
+                return LATENCY_EDGES_MS[-1]
+            share = (rank - seen) / bins[index]
+            high = LATENCY_EDGES_MS[index]
+            if index == 0:
+                return round(high * share, 1)
+            low = LATENCY_EDGES_MS[index - 1]
+            return round(low * (high / low) ** share, 1)
+        seen += bins[index]
+    return None

@@ -18,7 +18,7 @@ from producer.db import session_scope
 from producer.models import Job
 from producer.request import JobRequest
 from producer.settings import Settings
-from producer.stats import collect, percentile
+from producer.stats import collect, histogram_percentile, percentile, series
 from tests.conftest import run_to_end
 from tests.test_api import redis_broker_url
 
@@ -202,3 +202,121 @@ def test_the_cli_prints_a_table_or_json(
     assert table.exit_code == 0, table.output
     assert "invalid_image 2, input_not_found 1" in table.output
     assert "queue depth  interactive 0, bulk 0" in table.output
+
+
+# --- the dashboard's time series ----------------------------------------------------------
+
+# Half a minute into a minute: the current one-minute bucket is index 59 of the hour.
+MOMENT = NOW.replace(second=30)
+HOUR_START = MOMENT.replace(second=0) - timedelta(minutes=59)
+
+
+def at_minute(index: int, second: float = 10) -> datetime:
+    """A moment inside the hour window's bucket `index` (0 is the oldest, 59 the current)."""
+    return HOUR_START + timedelta(minutes=index, seconds=second)
+
+
+def dated(
+    url: str,
+    *,
+    created: datetime,
+    started: datetime | None = None,
+    finished: datetime | None = None,
+    queue: str = "interactive",
+    error_code: str | None = None,
+    cancel: bool = False,
+) -> str:
+    """A job in the state its timestamps say, back-dated to them."""
+    job_id = create(url, queue)
+    if cancel:
+        with session_scope(url) as session:
+            jobs.cancel(session, job_id)
+    elif finished is not None:
+        error = (error_code, f"{error_code} for {job_id}") if error_code else None
+        run_to_end(url, job_id, error=error)
+    elif started is not None:
+        with session_scope(url) as session:
+            jobs.start(session, job_id, "worker-a", 60)
+    with session_scope(url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(created_at=created, started_at=started, finished_at=finished)
+        )
+    return job_id
+
+
+def hour_series(url: str) -> dict:
+    with session_scope(url) as session:
+        return series(session, "1h", MOMENT)
+
+
+def test_the_series_has_one_point_per_minute_over_the_hour(db_url: str) -> None:
+    result = hour_series(db_url)
+    assert result["bucket_s"] == 60 and len(result["times"]) == 60
+    assert result["times"][0] == HOUR_START.isoformat()
+    assert all(len(values) == 60 for values in result["throughput_per_min"].values())
+    assert result["queue_depth"] == {"interactive": [0] * 60, "bulk": [0] * 60}
+    assert result["latency_ms"]["interactive"]["p95"] == [None] * 60
+
+
+def test_throughput_is_counted_per_minute_by_outcome(db_url: str) -> None:
+    for _ in range(3):
+        dated(db_url, created=at_minute(59, 1), started=at_minute(59, 2), finished=at_minute(59))
+    for code in ("invalid_image", "input_not_found", "no_subject"):
+        dated(db_url, created=at_minute(49), started=at_minute(50, 1), finished=at_minute(50),
+              error_code=code)  # fmt: skip
+    dated(db_url, created=at_minute(39), finished=at_minute(40), cancel=True)
+    dated(
+        db_url,
+        created=at_minute(0) - timedelta(hours=2),
+        finished=at_minute(0) - timedelta(hours=1),
+    )
+    flow = hour_series(db_url)["throughput_per_min"]
+    assert {outcome: sum(per_minute) for outcome, per_minute in flow.items()} == {
+        "succeeded": 3, "failed": 2, "no_subject": 1, "canceled": 1,
+    }  # fmt: skip
+    assert (flow["succeeded"][59], flow["failed"][50], flow["no_subject"][50]) == (3, 2, 1)
+    assert flow["canceled"][40] == 1
+
+
+def test_a_quarter_hour_bucket_reports_jobs_per_minute(db_url: str) -> None:
+    for _ in range(3):
+        dated(db_url, created=at_minute(58), started=at_minute(58), finished=at_minute(59))
+    with session_scope(db_url) as session:
+        day = series(session, "24h", MOMENT)
+    assert day["bucket_s"] == 900 and len(day["times"]) == 96
+    assert sum(day["throughput_per_min"]["succeeded"]) == pytest.approx(3 / 15, abs=1e-3)
+
+
+def test_queue_depth_follows_jobs_in_and_out_of_each_queue(db_url: str) -> None:
+    dated(db_url, created=at_minute(10), started=at_minute(30), finished=at_minute(31))
+    dated(db_url, created=at_minute(20))  # still waiting
+    dated(db_url, created=at_minute(25), started=at_minute(26))  # running
+    dated(db_url, created=at_minute(5), finished=at_minute(15), queue="bulk", cancel=True)
+    depth = hour_series(db_url)["queue_depth"]
+    expected = [0] * 10 + [1] * 10 + [2] * 5 + [3] + [2] * 4 + [1] * 30
+    assert depth["interactive"] == expected
+    assert depth["bulk"] == [0] * 5 + [1] * 10 + [0] * 45
+
+
+def test_latency_percentiles_are_per_minute_and_per_queue(db_url: str) -> None:
+    for i in range(1, 11):
+        finished = at_minute(45)
+        dated(db_url, created=finished - timedelta(milliseconds=i * 100), started=finished,
+              finished=finished)  # fmt: skip
+    finished = at_minute(46)
+    dated(db_url, created=finished - timedelta(seconds=90), started=finished, finished=finished,
+          queue="bulk")  # fmt: skip
+    latency = hour_series(db_url)["latency_ms"]
+    p50, p95 = latency["interactive"]["p50"][45], latency["interactive"]["p95"][45]
+    # Exact: 550 and 955 ms; the histogram is exact to its 25%-wide bin.
+    assert 550 / 1.25 <= p50 <= 550 * 1.25 and 955 / 1.25 <= p95 <= 955 * 1.25
+    assert latency["interactive"]["p50"][46] is None
+    assert 90_000 / 1.25 <= latency["bulk"]["p50"][46] <= 90_000 * 1.25
+
+
+def test_histogram_percentiles_interpolate_inside_a_bin() -> None:
+    assert histogram_percentile({}, 50) is None
+    assert histogram_percentile({0: 2}, 50) == 2.5  # half of the first bin, 0 to 5 ms
+    assert histogram_percentile({1: 1}, 100) == 6.2  # the top of the bin 5 to 6.25 ms
