@@ -53,6 +53,7 @@ JOB_FIELDS = (
     "crop",
     "margin",
     "size",
+    "callback_url",
 )
 DEVICES = ("auto", "cpu", "cuda")
 device_option = click.option(
@@ -299,6 +300,7 @@ def _progress_bar(pairs: list[Any]) -> Any:
 @click.option("--mask-output", help="also write the final mask here (location or local path)")
 @click.option("--mask", help="a coarse mask to refine instead of the model (file or location)")
 @click.option("--idempotency-key", help="submitting the same key again returns the first job")
+@click.option("--callback-url", help="https URL POSTed the signed job record when the job ends")
 @click.option(
     "--queue",
     type=click.Choice([q.value for q in Queue]),
@@ -756,6 +758,26 @@ def upgrade() -> None:
     url = get_settings().database_url
     upgrade_schema(url)
     click.echo("database is at the newest schema")
+
+
+@cli.group()
+def callbacks() -> None:
+    """Completion callbacks."""
+
+
+@callbacks.command(name="redeliver")
+@click.argument("job_id")
+@reports_errors
+def callbacks_redeliver(job_id: str) -> None:
+    """Send a finished job's callback again now, with a fresh schedule of retries."""
+    from producer import outbox
+    from producer.client import Client
+    from producer.db import session_scope
+
+    job_id = Client().resolve_id(job_id)
+    with session_scope(get_settings().database_url) as session:
+        outbox.redeliver(session, job_id, outbox.now())
+    click.echo(f"{job_id} callback due now")
 
 
 @cli.group()

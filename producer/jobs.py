@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from producer import outbox
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
 from producer.locations import canonical_prefix
 from producer.models import Job, JobStatus
@@ -48,6 +49,7 @@ def _row(request: JobRequest, output_prefix: str, created_at: datetime) -> dict[
         "effect": request.effect,
         "params": request.params(),
         "idempotency_key": request.idempotency_key,
+        "callback_url": request.callback_url,
         "attempts": 0,
         "created_at": created_at,
     }
@@ -328,6 +330,7 @@ def reap(session: Session, max_attempts: int) -> Reaped:
                 f"each of {max_attempts} attempts ended without a result: the worker died "
                 "or the attempt overran BACKDROP_JOB_TIMEOUT_S"
             ),
+            **outbox.on_end(moment),
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
@@ -359,12 +362,14 @@ def succeed(
     foreground_fraction: float,
 ) -> bool:
     """running → succeeded, only for the attempt that owns the job."""
+    moment = now()
     result = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
         .values(
             status=JobStatus.SUCCEEDED.value,
-            finished_at=now(),
+            finished_at=moment,
+            **outbox.on_end(moment),
             lease_expires_at=None,
             model_name=model_name,
             model_weights=model_weights,
@@ -397,12 +402,14 @@ def fail(
         if attempt is not None
         else (Job.id == job_id) & Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
     )
+    moment = now()
     values: dict[str, Any] = {
         "status": JobStatus.FAILED.value,
-        "finished_at": now(),
+        "finished_at": moment,
         "lease_expires_at": None,
         "error_code": code,
         "error_message": message[:2000],
+        **outbox.on_end(moment),
     }
     if timings_ms is not None:
         values["timings_ms"] = timings_ms
@@ -416,8 +423,14 @@ def fail(
 
 def cancel(session: Session, job_id: str) -> Job:
     """queued → canceled."""
+    moment = now()
     if not _guarded(
-        session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELED.value, finished_at=now()
+        session,
+        job_id,
+        [JobStatus.QUEUED],
+        status=JobStatus.CANCELED.value,
+        finished_at=moment,
+        **outbox.on_end(moment),
     ):
         job = get(session, job_id)
         raise InvalidTransition(f"job {job_id} is {job.status}; only queued jobs can be canceled")

@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -68,6 +68,21 @@ class Job(Base):
         Boolean, nullable=False, default=False, server_default=false()
     )
 
+    # Completion callback, with the job as its outbox: a final transition sets
+    # callback_due_at (producer/outbox.py), a delivery claims it, success clears it.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_tries: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callbacks: Mapped[list[CallbackAttempt]] = relationship(
+        primaryjoin="Job.id == foreign(CallbackAttempt.job_id)",
+        order_by="CallbackAttempt.id",
+        lazy="selectin",
+        viewonly=True,
+    )
+
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
@@ -76,6 +91,7 @@ class Job(Base):
         Index("ix_jobs_fingerprint", "fingerprint"),
         Index("ux_jobs_output", "output", unique=True),
         Index("ix_jobs_mask_output", "mask_output"),
+        Index("ix_jobs_callback_due_at", "callback_due_at"),
     )
 
     def to_record(self) -> dict[str, Any]:
@@ -107,6 +123,34 @@ class Job(Base):
             ),
             "foreground_fraction": self.foreground_fraction,
             "backfill_id": self.backfill_id,
+            "callback_url": self.callback_url,
+            "callbacks": [attempt.to_record() for attempt in self.callbacks],
+        }
+
+
+class CallbackAttempt(Base):
+    """One delivery attempt of a job's callback (no foreign key: jobs may be truncated)."""
+
+    __tablename__ = "callback_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    # When the next attempt was scheduled for; null once delivered or given up.
+    next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "at": _iso(self.at),
+            "status_code": self.status_code,
+            "error": self.error,
+            "duration_ms": self.duration_ms,
+            "worker": self.worker,
+            "next_at": _iso(self.next_at),
         }
 
 

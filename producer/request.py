@@ -19,8 +19,9 @@ from pydantic import (
     model_validator,
 )
 
-from producer import locations
+from producer import callbacks, locations
 from producer.errors import BackdropError, InvalidRequest
+from producer.settings import get_settings
 
 # Pascal VOC labels in the order of the DeepLabV3 output channels (index 0 is background).
 VOC_CLASSES: tuple[str, ...] = (
@@ -130,6 +131,7 @@ class JobRequest(BaseModel):
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 92
     # Outputs never replace an object this job did not write (output_exists) unless asked.
     overwrite: StrictBool = False
+    callback_url: Annotated[Text, Field(max_length=callbacks.MAX_URL_LENGTH)] | None = None
     crop: Crop = Crop.NONE
     margin: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.05
     size: Annotated[str, Strict()] | None = None
@@ -151,6 +153,16 @@ class JobRequest(BaseModel):
         if not (1 <= width <= MAX_CANVAS_SIDE and 1 <= height <= MAX_CANVAS_SIDE):
             raise ValueError(f"each side must be 1 to {MAX_CANVAS_SIDE} pixels, got {value!r}")
         return f"{width}x{height}"
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callable_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                callbacks.check_url(value, get_settings())
+            except callbacks.Refused as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("classes")
     @classmethod
@@ -217,7 +229,16 @@ class JobRequest(BaseModel):
 
     def params(self) -> dict[str, Any]:
         """What shapes the output besides input and effect: stored with the job record."""
-        per_job = {"input", "output", "mask_output", "effect", "idempotency_key", "queue"}
+        # callback_url has a column of its own: it is where the job reports, not how it runs.
+        per_job = {
+            "input",
+            "output",
+            "mask_output",
+            "effect",
+            "idempotency_key",
+            "queue",
+            "callback_url",
+        }
         # Left out unless set, so the params (and backfill fingerprints) of every request
         # made before the flag existed stay what they were.
         if not self.overwrite:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large"]
@@ -113,7 +113,23 @@ class Settings(BaseSettings):
     # worker_lost after max_attempts instead of staying `running` forever.
     job_timeout_s: float = Field(default=600.0, gt=0)
 
-    @field_validator("allowed_buckets", "local_roots", "api_tokens", mode="before")
+    # Completion callbacks (producer/callbacks.py): the HMAC key (none: callback_url is
+    # refused), hosts that may be called over http or at private addresses, per-attempt
+    # limits, and the retry schedule: 12 attempts from 10 s doubling to 15 min cover ~80 min.
+    callback_secret: SecretStr | None = None
+    callback_allowed_hosts: CommaList = Field(default_factory=list)
+    callback_connect_timeout_s: float = Field(default=5.0, gt=0)
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_concurrency: int = Field(default=4, ge=1, le=64)
+    callback_max_attempts: int = Field(default=12, ge=1, le=100)
+    callback_retry_base_s: float = Field(default=10.0, gt=0)
+    callback_retry_max_s: float = Field(default=900.0, gt=0)
+    # How often a worker looks for due deliveries besides being nudged by a finished job.
+    callback_poll_s: float = Field(default=2.0, gt=0)
+
+    @field_validator(
+        "allowed_buckets", "local_roots", "api_tokens", "callback_allowed_hosts", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

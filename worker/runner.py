@@ -112,12 +112,16 @@ def run_worker(
     preflight(settings)
     tune_threads(settings)
     serve_metrics(settings)
-    from worker.tasks import app
+    from worker import deliveries
+    from worker.tasks import app, worker_name
 
+    callbacks = deliveries.start(settings, worker_name())
     # Celery's timer thread sleeps this long between looks at its stop flag, and a warm
     # shutdown waits for it: 1 s by default.
     app.conf.worker_timer_precision = TIMER_PRECISION_S
     app.worker_main(celery_argv(queues, concurrency or default_concurrency(settings), loglevel))
+    if callbacks is not None:
+        callbacks.stop()  # attempts in flight end within their deadline
     exit_now()
 
 
