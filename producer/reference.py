@@ -92,7 +92,7 @@ def walk_commands(
                 yield from walk_commands(sub, (*path, name))
 
 
-def number_range(kind: click.types._NumberRangeBase) -> str:
+def number_range(kind: click.IntRange | click.FloatRange) -> str:
     bounds = [
         f"{'>' if kind.min_open else '≥'} {kind.min}" if kind.min is not None else "",
         f"{'<' if kind.max_open else '≤'} {kind.max}" if kind.max is not None else "",
@@ -106,7 +106,7 @@ def param_type(param: click.Parameter) -> str:
         return " | ".join(str(choice) for choice in kind.choices)
     if getattr(param, "is_flag", False):
         return "flag"
-    if isinstance(kind, click.types._NumberRangeBase):
+    if isinstance(kind, click.IntRange | click.FloatRange):
         return number_range(kind)
     return kind.name
 
@@ -183,7 +183,7 @@ def http_section() -> list[str]:
     rows = []
     routes = [r for r in app.routes if isinstance(r, APIRoute)]
     for route in sorted(routes, key=lambda r: r.path):
-        for method in sorted(route.methods):
+        for method in sorted(route.methods or ()):
             operation = operations.get(route.path, {}).get(method.lower(), {})
             token = "bearer token" if operation.get("security") else "none"
             rows.append((f"{method} {code(route.path)}", token, route_summary(route)))
