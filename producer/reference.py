@@ -45,7 +45,7 @@ HEADER = f"""\
      Regenerate with: {REGENERATE} -->
 
 Generated from the code: the CLI from its click commands (`producer/cli.py`), the HTTP API from
-the FastAPI routes (`producer/api`), the job fields from the `JobRequest` model
+the FastAPI routes (`producer.api`), the job fields from the `JobRequest` model
 (`producer/request.py`), the error codes from the error classes (`producer/errors.py`) and the
 configuration from the `Settings` model (`producer/settings.py`). A test
 (`tests/test_reference.py`) fails when this file and the code disagree. The public surface is

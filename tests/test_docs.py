@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+# A path into the repository as the docs write it (`bench/load.py`, `infra/k8s/base/config.yaml`).
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:producer|worker|tests|bench|infra|docs)/[\w./-]*\w)")
+# SPEC.md is the team's shared spec, copied as it is.
+OURS = [document for document in DOCUMENTS if document.name != "SPEC.md"]
 
 
 def anchors(document: Path) -> set[str]:
@@ -39,3 +43,9 @@ def test_the_readme_links_every_document_in_docs() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for document in DOCUMENTS[1:]:
         assert f"docs/{document.name}" in readme
+
+
+@pytest.mark.parametrize("document", OURS, ids=lambda path: path.name)
+def test_every_repository_path_the_docs_name_exists(document: Path) -> None:
+    named = set(REPO_PATH.findall(document.read_text(encoding="utf-8")))
+    assert sorted(path for path in named if not (ROOT / path).exists()) == []
