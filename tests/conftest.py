@@ -7,8 +7,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from producer.settings import Settings
+    from tests.receiver import Receiver
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SKIMAGE_DATA = Path(__import__("skimage").data.__file__).parent
@@ -329,3 +334,34 @@ def run_to_end(
                 input_size=input_size,
                 foreground_fraction=0.5,
             )
+
+
+# --- callbacks: a real HTTP receiver on loopback ----------------------------------------
+
+CALLBACK_SECRET = "test-callback-secret"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real HTTP server on 127.0.0.1 that records the callbacks it gets (tests/receiver.py)."""
+    from tests.receiver import Receiver
+
+    server = Receiver().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def callback_settings(monkeypatch: pytest.MonkeyPatch, receiver: Receiver) -> Settings:
+    """This process's settings: a callback secret, the receiver's host:port allowed, short
+    per-attempt limits."""
+    from producer import settings as settings_module
+
+    settings = settings_module.Settings(
+        callback_secret=CALLBACK_SECRET,
+        callback_allowed_hosts=[receiver.host_port],
+        callback_connect_timeout_s=2,
+        callback_timeout_s=5,
+    )
+    monkeypatch.setattr(settings_module, "_current", settings)
+    return settings
