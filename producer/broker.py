@@ -6,11 +6,17 @@ Messages carry nothing but the job id: the database is the source of truth for t
 
 from __future__ import annotations
 
+import base64
+import uuid
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 from kombu import Queue
+from kombu.transport import redis
+from kombu.utils.json import dumps
 
 from producer.errors import TransientError
 from producer.request import Queue as QueueName
@@ -88,19 +94,84 @@ def get_celery() -> Celery:
 
 def enqueue(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:
     """Publish one task per (job id, queue) through one connection, pipelined where the
-    transport can (Redis: one pipeline per PUBLISH_BATCH messages)."""
+    transport can (Redis: one LPUSH per queue per PUBLISH_BATCH messages)."""
     if not jobs:
         return
-    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-        for job_id, queue in jobs:
-            app.send_task(
-                TASK_NAME,
-                args=[job_id],
-                task_id=job_id,
-                queue=queue,
-                routing_key=queue,
-                # The default exchange routes straight to the list named by the routing key:
-                # no binding table to look up per message, and none to lose if Redis restarts.
-                exchange="",
-                producer=producer,
-            )
+    with app.producer_or_acquire() as producer:
+        if isinstance(producer.channel, redis.Channel):
+            _push(app, producer.channel, jobs)
+            return
+        with producer.batch(max_size=PUBLISH_BATCH):
+            for job_id, queue in jobs:
+                app.send_task(
+                    TASK_NAME,
+                    args=[job_id],
+                    task_id=job_id,
+                    queue=queue,
+                    routing_key=queue,
+                    # The default exchange routes straight to the list named by the routing
+                    # key: no binding table to look up per message, and none to lose if
+                    # Redis restarts.
+                    exchange="",
+                    producer=producer,
+                )
+
+
+def _push(app: Celery, channel: redis.Channel, jobs: Sequence[tuple[str, str]]) -> None:
+    """What send_task and kombu's Redis transport write for these jobs, ~20x cheaper: kombu
+    spends ~0.3 ms of CPU on each message, which capped bulk submission near 1,000 jobs/s.
+    Priority 0 messages live in the list named after their queue, each pushed on the left
+    (one LPUSH of many values keeps their order)."""
+    origin, reply_to = anon_nodename(), app.thread_oid
+    with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipeline:
+        for start_at in range(0, len(jobs), PUBLISH_BATCH):
+            by_queue: dict[str, list[str]] = {}
+            for job_id, queue in jobs[start_at : start_at + PUBLISH_BATCH]:
+                message = task_message(job_id, queue, origin=origin, reply_to=reply_to)
+                by_queue.setdefault(queue, []).append(dumps(message))
+            for queue, messages in by_queue.items():
+                pipeline.lpush(queue, *messages)
+            pipeline.execute()
+
+
+def task_message(job_id: str, queue: str, *, origin: str, reply_to: str) -> dict[str, Any]:
+    """The Celery protocol-2 message of one job, exactly as `app.send_task` (through kombu's
+    Redis transport) stores it; tests/test_jobs.py compares the two byte for byte."""
+    body = dumps(
+        [[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    return {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": TASK_NAME,
+            "id": job_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": job_id,
+            "parent_id": None,
+            "argsrepr": repr([job_id]),
+            "kwargsrepr": "{}",
+            "origin": origin,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": job_id,
+            "reply_to": reply_to,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }

@@ -7,13 +7,14 @@ finished job backwards or let a stale attempt overwrite a newer one.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, false, func, select, update
+from sqlalchemy import JSON, Insert, TextClause, case, delete, false, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -80,29 +81,11 @@ def create(
     rows = [_row(request, output_prefix, created_at) for request in requests]
     if extras is not None:
         rows = [row | dict(extra) for row, extra in zip(rows, extras, strict=True)]
-    dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    inserted: set[str] = set()
     fresh = _check_outputs_free(session, rows)
-    # Chunked only to stay under SQLite's bound-parameter limit; PostgreSQL takes it in one go.
-    for start_at in range(0, len(fresh), STATEMENT_CHUNK):
-        chunk = fresh[start_at : start_at + STATEMENT_CHUNK]
-        statement = (
-            insert(Job)
-            .values(chunk)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(Job.id)
-        )
-        try:
-            inserted.update(session.scalars(statement).all())
-        except IntegrityError:
-            # A concurrent submit took one of these outputs between the check and the insert
-            # (the unique index on jobs.output, migration 0003, is the last word).
-            raise InvalidRequest(
-                "an output location of this request already belongs to another job"
-            ) from None
+    inserted = _insert(session, fresh)
+    # A new job's record is the row just written, as stored (created_at as the database
+    # hands it back); only the jobs an idempotency key matched are read.
     wanted_keys = [row["idempotency_key"] for row in rows if row["id"] not in inserted]
-    by_id = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(inserted)))}
     by_key = {}
     if wanted_keys:
         by_key = {
@@ -111,11 +94,70 @@ def create(
         }
     results = []
     for row in rows:
-        if row["id"] in inserted:
-            results.append(Created(by_id[row["id"]], new=True))
+        stored_at = inserted.get(row["id"])
+        if stored_at is not None:
+            results.append(Created(Job(**(row | {"created_at": stored_at})), new=True))
         else:
             results.append(Created(by_key[row["idempotency_key"]], new=False))
     return results
+
+
+def _insert(session: Session, rows: list[dict[str, Any]]) -> dict[str, datetime]:
+    """INSERT the rows in one statement; returns id → created_at (as the database hands it
+    back) of those inserted: all but the ones whose idempotency key was taken meanwhile."""
+    if not rows:
+        return {}
+    # Every row names the same columns (a row's extras may leave some out).
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    try:
+        if session.get_bind().dialect.name == "postgresql":
+            returned = session.execute(_unnest_insert(names), _column_arrays(names, rows))
+        else:
+            returned = session.execute(_values_insert(), [dict.fromkeys(names) | r for r in rows])
+    except IntegrityError:
+        # A concurrent submit took one of these outputs between the check and the insert
+        # (the unique index on jobs.output, migration 0003, is the last word).
+        raise InvalidRequest(
+            "an output location of this request already belongs to another job"
+        ) from None
+    return {job_id: stored_at for job_id, stored_at in returned}
+
+
+def _unnest_insert(names: list[str]) -> TextClause:
+    """PostgreSQL: INSERT … SELECT FROM unnest(one array per column). A short statement,
+    parsed and planned once whatever the row count; the multi-row VALUES form of 1,000 jobs
+    (13,000 parameters) cost ~5x the time, most of it parsing the statement."""
+    dialect = postgresql.dialect()
+    table = Job.__table__
+    arrays = ", ".join(
+        f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names
+    )
+    return text(
+        f"INSERT INTO jobs ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, created_at"
+    )
+
+
+def _column_arrays(names: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    table = Job.__table__
+    arrays = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if isinstance(table.c[name].type, JSON):
+            values = [json.dumps(value) for value in values]
+        arrays[name] = values
+    return arrays
+
+
+def _values_insert() -> Insert:
+    """SQLite: an executemany SQLAlchemy sends as multi-row VALUES pages under SQLite's
+    parameter limit."""
+    table = Job.__table__
+    return (
+        sqlite.insert(table)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(table.c.id, table.c.created_at)
+    )
 
 
 def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,295 @@
+"""Bulk submission rate: jobs/s through a real `backdrop api` process, through
+`Client.submit_many`, and through a backfill's creation of its jobs.
+
+Needs PostgreSQL (127.0.0.1:5432, user postgres) and Redis (127.0.0.1:6379, database 12 is
+this script's own and is emptied). Creates a fresh database it drops at the end, starts a moto
+S3 server for the backfill's listing, and `backdrop api` (uvicorn on a loopback socket) as a
+subprocess; no worker: the messages stay queued, are counted, then deleted.
+
+    .venv/bin/python bench/submit_rate.py [--jobs 10000] [--per-post 1000] [--repeat 3]
+
+Each figure is jobs / wall seconds from the first request to the last answer (API, Client)
+or from the backfill's start until its last chunk is recorded and published (backpressure
+off: max_in_flight above the total). Each run is checked: as many new rows in the database
+and as many messages in Redis as jobs submitted, or the script fails instead of printing.
+--repeat runs each measurement that many times and prints every rate (best last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import httpx
+import redis
+from sqlalchemy import create_engine, func, select, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from producer.backfill import Backfills, from_settings
+from producer.client import Client
+from producer.db import get_engine, session_scope, upgrade
+from producer.models import Backfill, Job
+from producer.settings import Settings
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/12"
+BUCKET = "submit-bench"
+QUEUES = ("interactive", "bulk")
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def requests_for(count: int, tag: str) -> list[dict[str, object]]:
+    """Distinct outputs (the default naming would do too, but a body with outputs is what a
+    bulk producer sends), half of them with idempotency keys, all to the bulk queue."""
+    return [
+        {
+            "input": f"s3://{BUCKET}/photos/{tag}/{i:06d}.jpg",
+            "output": f"s3://{BUCKET}/out/{tag}/{i:06d}.png",
+            "effect": "remove",
+            "queue": "bulk",
+            **({"idempotency_key": f"{tag}-{i}"} if i % 2 else {}),
+        }
+        for i in range(count)
+    ]
+
+
+class Counts:
+    """Rows in the database and messages in Redis, to check each run submitted what it says."""
+
+    def __init__(self, database_url: str, queues: redis.Redis) -> None:
+        self.database_url = database_url
+        self.queues = queues
+
+    def rows(self) -> int:
+        with session_scope(self.database_url) as session:
+            return session.scalar(select(func.count()).select_from(Job)) or 0
+
+    def messages(self) -> int:
+        return sum(self.queues.llen(queue) for queue in QUEUES)
+
+    @contextmanager
+    def expect(self, added: int, label: str) -> Iterator[None]:
+        rows, messages = self.rows(), self.messages()
+        yield
+        new_rows, new_messages = self.rows() - rows, self.messages() - messages
+        if (new_rows, new_messages) != (added, added):
+            raise AssertionError(
+                f"{label}: {new_rows} rows and {new_messages} messages for {added} jobs"
+            )
+        self.queues.delete(*QUEUES)
+
+
+def api_rate(base: str, token: str, count: int, per_post: int, tag: str) -> float:
+    bodies = [requests_for(count, tag)[i : i + per_post] for i in range(0, count, per_post)]
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
+        started = time.perf_counter()
+        accepted = 0
+        for body in bodies:
+            response = http.post("/v1/jobs", json=body)
+            if response.status_code != 202:
+                raise AssertionError(f"POST /v1/jobs: {response.status_code} {response.text}")
+            accepted += len(response.json())
+        elapsed = time.perf_counter() - started
+    if accepted != count:
+        raise AssertionError(f"{accepted} records returned for {count} jobs")
+    return count / elapsed
+
+
+def client_rate(client: Client, count: int, per_call: int, tag: str) -> float:
+    requests = requests_for(count, tag)
+    started = time.perf_counter()
+    returned = 0
+    for start_at in range(0, count, per_call):
+        returned += len(client.submit_many(requests[start_at : start_at + per_call]))
+    elapsed = time.perf_counter() - started
+    if returned != count:
+        raise AssertionError(f"{returned} records returned for {count} jobs")
+    return count / elapsed
+
+
+def backfill_rate(engine: Backfills, source: str, count: int, tag: str, counts: Counts) -> float:
+    record = engine.create(source, f"s3://{BUCKET}/backfill-out/{tag}", {}, count * 10)
+    messages = counts.messages()
+    started = time.perf_counter()
+    runner = engine.start_in_thread(record["id"])
+
+    def queued() -> bool:
+        # Recorded (jobs and cursor committed) and published (messages follow each commit).
+        with session_scope(engine.settings.database_url) as session:
+            backfill = session.get(Backfill, record["id"])
+            recorded = backfill is not None and backfill.submitted >= count
+        return recorded and counts.messages() - messages >= count
+
+    wait_for(queued, 600, "the backfill's jobs and messages")
+    elapsed = time.perf_counter() - started
+    engine.cancel(record["id"])
+    runner.join()
+    return count / elapsed
+
+
+def upload_keys(endpoint: str, count: int) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    with ThreadPoolExecutor(32) as pool:
+        list(
+            pool.map(
+                lambda i: s3.put_object(Bucket=BUCKET, Key=f"many/{i:06d}.png", Body=b"x"),
+                range(count),
+            )
+        )
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(endpoint), 30, "moto")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@contextmanager
+def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    port = free_port()
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.poll() is not None or _answers(base + "/healthz"), 60, "api")
+        if server.poll() is not None:
+            raise RuntimeError(f"backdrop api exited:\n{log_path.read_text()[-2000:]}")
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    name = f"backdrop_submit_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def show(label: str, rates: list[float]) -> None:
+    each = ", ".join(f"{rate:,.0f}" for rate in rates)
+    print(f"{label:<44} best {max(rates):>7,.0f} jobs/s   (runs: {each})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--per-post", type=int, default=1000, help="jobs per POST / submit_many")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-backfill", action="store_true")
+    args = parser.parse_args()
+    os.environ.update(CREDENTIALS)
+    queues = redis.Redis.from_url(REDIS_URL)
+    queues.flushdb()
+    token = secrets.token_urlsafe(32)
+    with (
+        tempfile.TemporaryDirectory(prefix="backdrop-submit-") as work,
+        fresh_database() as url,
+        moto_server() as endpoint,
+    ):
+        env = {
+            "BACKDROP_DATABASE_URL": url,
+            "BACKDROP_BROKER_URL": REDIS_URL,
+            "BACKDROP_S3_ENDPOINT_URL": endpoint,
+            "BACKDROP_OUTPUT_PREFIX": f"s3://{BUCKET}/default-out",
+            "BACKDROP_DATA_DIR": str(Path(work) / "data"),
+            "BACKDROP_API_TOKENS": token,
+        }
+        settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
+        counts = Counts(url, queues)
+        print(f"{args.jobs} jobs per run, {args.per_post} per POST / submit_many call", flush=True)
+        with api_server(env, Path(work) / "api.log") as base:
+            rates = []
+            for run in range(args.repeat):
+                with counts.expect(args.jobs, "API"):
+                    rates.append(api_rate(base, token, args.jobs, args.per_post, f"api{run}"))
+            show("POST /v1/jobs, backdrop api over HTTP:", rates)
+        client = Client(settings)
+        rates = []
+        for run in range(args.repeat):
+            with counts.expect(args.jobs, "Client"):
+                rates.append(client_rate(client, args.jobs, args.per_post, f"client{run}"))
+        show("Client.submit_many:", rates)
+        if args.skip_backfill:
+            return
+        upload_keys(endpoint, args.jobs)
+        engine = from_settings(settings)
+        rates = []
+        for run in range(args.repeat):
+            with counts.expect(args.jobs, "backfill"):
+                rate = backfill_rate(engine, f"s3://{BUCKET}/many/", args.jobs, f"b{run}", counts)
+            rates.append(rate)
+        show(f"backfill over {args.jobs} S3 keys (moto):", rates)
+    queues.flushdb()
+
+
+if __name__ == "__main__":
+    main()
