@@ -63,7 +63,8 @@ class Deliveries:
         """Stop claiming; wait for attempts in flight (bounded by their deadline)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
         self._senders.shutdown(wait=True)
 
     def _run(self) -> None:
