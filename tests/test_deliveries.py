@@ -361,3 +361,41 @@ def test_what_a_dead_worker_left_undelivered_is_delivered_by_the_next_worker(
     assert sorted(r.path for r in got) == ["/held", "/owed"]
     assert {json.loads(r.body)["status"] for r in got} == {"succeeded", "failed"}
     assert len(worker_receiver.received) == before + 2
+
+
+def test_backdrop_callbacks_redeliver_owes_the_callback_again_and_status_shows_attempts(
+    callback_settings: Settings, receiver: Receiver, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from producer.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    job_id, queued = _job(url, receiver.url()), _job(url, receiver.url())
+    run_to_end(url, job_id)
+    with session_scope(url) as session:
+        [held] = outbox.claim(session, 1, callback_settings, outbox.now())
+        outbox.record(
+            session, held, callbacks.Outcome(200, None, 1.0), callback_settings,
+            worker="w", moment=outbox.now(),
+        )  # fmt: skip
+    backdrop = Path(sys.executable).with_name("backdrop")
+    env = {**os.environ, "BACKDROP_DATABASE_URL": url, "BACKDROP_DATA_DIR": str(tmp_path)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(backdrop), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    shown = run("status", job_id)
+    assert shown.returncode == 0 and '"status_code": 200' in shown.stdout
+    assert _row(url, job_id).callback_due_at is None
+    redelivered = run("callbacks", "redeliver", job_id[:8])
+    assert redelivered.returncode == 0, redelivered.stderr
+    assert redelivered.stdout.strip() == f"{job_id} callback due now"
+    assert _row(url, job_id).callback_due_at is not None
+    refused = run("callbacks", "redeliver", queued)
+    assert refused.returncode != 0 and refused.stderr.startswith("invalid_transition: ")
