@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -143,19 +143,21 @@ class RequestGuard:
         if check is None:
             # An open API (insecure-no-auth): its data routes are everyone's; only the public
             # routes are rate limited, as they are with tokens.
-            return scope["path"].startswith(PROTECTED_PREFIX)
+            path: str = scope["path"]
+            return path.startswith(PROTECTED_PREFIX)
         verified = check(_header(scope, b"authorization"))
         scope[VERIFIED_TOKEN] = verified
         return verified
 
 
 def _client(scope: Scope) -> str:
-    client = scope.get("client")
+    client: tuple[str, int] | None = scope.get("client")
     return client[0] if client else "unknown"
 
 
 def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for key, value in headers:
         if key.lower() == name:
             return value.decode("latin-1")
     return ""

@@ -57,12 +57,13 @@ class ProgressLine:
         rate = self._rate(record)
         if not record["listing_done"] or rate <= 0:
             return None
-        left = record["counts"]["submitted"] - (_done(record) - record["counts"]["skipped"])
+        counts: dict[str, int] = record["counts"]
+        left = counts["submitted"] - (_done(record) - counts["skipped"])
         return max(left, 0) / rate
 
 
 def _done(record: dict[str, Any]) -> int:
-    counts = record["counts"]
+    counts: dict[str, int] = record["counts"]
     return counts["skipped"] + counts["succeeded"] + counts["failed"]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, field_validator
@@ -177,7 +177,7 @@ def get_settings() -> Settings:
     return _current
 
 
-def configure(**overrides: object) -> Settings:
+def configure(**overrides: Any) -> Settings:
     """Replace the process's settings: environment plus explicit overrides (CLI flags).
 
     Call it before anything builds clients from the settings (the CLI does, first thing).

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
@@ -46,6 +46,12 @@ from producer.locations import (
     unsupported,
 )
 from producer.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    # Stubs only (boto3-stubs[s3]); boto3 itself is imported on first S3 use.
+    from botocore.exceptions import ClientError
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ListObjectsV2RequestPaginateTypeDef
 
 __all__ = ["FILE_SCHEME", "S3_SCHEME", "ObjectInfo", "Storage", "get_storage", "join"]
 
@@ -175,7 +181,7 @@ class Storage:
         self._roots = tuple(Path(os.path.realpath(root)) for root in settings.local_roots)
         self._internal = _Internal.of(settings)
         self._client_lock = threading.Lock()
-        self._client_instance: Any = None
+        self._client_instance: S3Client | None = None
 
     # --- public interface ----------------------------------------------------------------
 
@@ -301,7 +307,7 @@ class Storage:
     # --- S3 ------------------------------------------------------------------------------
 
     @property
-    def _client(self) -> Any:
+    def _client(self) -> S3Client:
         # Built on first S3 use (the embedded default never needs it), once per Storage:
         # clients are thread-safe, building one is not cheap, and sessions are not thread-safe.
         with self._client_lock:
@@ -341,15 +347,14 @@ class Storage:
     ) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         bucket_prefix = f"{S3_SCHEME}{target.bucket}/"
-        options = {}
+        request: ListObjectsV2RequestPaginateTypeDef = {
+            "Bucket": target.bucket,
+            "Prefix": target.key,
+            "PaginationConfig": {"PageSize": page_size},
+        }
         if start_after is not None and start_after.startswith(bucket_prefix):
-            options["StartAfter"] = start_after.removeprefix(bucket_prefix)
-        pages = paginator.paginate(
-            Bucket=target.bucket,
-            Prefix=target.key,
-            PaginationConfig={"PageSize": page_size},
-            **options,
-        )
+            request["StartAfter"] = start_after.removeprefix(bucket_prefix)
+        pages = paginator.paginate(**request)
         with self._s3_errors(f"{S3_SCHEME}{target.bucket}/{target.key}"):
             # S3 returns keys in UTF-8 binary order, which is the order promised here.
             for page in pages:
@@ -372,7 +377,7 @@ class Storage:
             yield from _walk_sorted(start, match, self._internal.holds)
 
 
-def _build_client(settings: Settings) -> Any:
+def _build_client(settings: Settings) -> S3Client:
     import boto3
     from botocore.config import Config
 
@@ -431,7 +436,7 @@ def _translate(exc: BaseException, location: str) -> BackdropError:
     )
 
 
-def _translate_client_error(exc: Any, location: str) -> BackdropError:
+def _translate_client_error(exc: ClientError, location: str) -> BackdropError:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)

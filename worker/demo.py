@@ -183,7 +183,7 @@ def _thumbnail(pixels: np.ndarray) -> np.ndarray:
 
 
 def _decode_any(data: bytes) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    array = _imdecode(data, cv2.IMREAD_UNCHANGED)
     code = cv2.COLOR_BGRA2RGBA if array.ndim == 3 and array.shape[2] == 4 else cv2.COLOR_BGR2RGB
     return cv2.cvtColor(array, code)
 
@@ -208,8 +208,15 @@ def _header() -> np.ndarray:
 def _mask_tile(storage: Any, record: dict[str, Any]) -> np.ndarray:
     if record["status"] != JobStatus.SUCCEEDED or not record["mask_output"]:
         return np.full((THUMB, THUMB, 3), (255, 200, 200), np.uint8)
-    mask = cv2.imdecode(np.frombuffer(storage.read(record["mask_output"]), np.uint8), 0)
+    mask = _imdecode(storage.read(record["mask_output"]), cv2.IMREAD_GRAYSCALE)
     return _thumbnail(np.repeat(mask[..., None], 3, axis=2))
+
+
+def _imdecode(data: bytes, flags: int) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if array is None:
+        raise DemoFailed("a job's output in storage is not an image OpenCV can decode")
+    return array
 
 
 def _contact_sheet(records: list[dict[str, Any]], inputs: dict[str, str], output_dir: Path) -> Path:

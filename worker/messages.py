@@ -114,7 +114,7 @@ class _GuardedTransport:
     """Checks each raw message before kombu builds a Message from it (mixin for a virtual
     transport): a malformed one is dropped before it is ever held unacknowledged."""
 
-    def _deliver(self, message: Any, queue: str) -> None:
+    def _deliver(self, message: Any, queue: str | None) -> None:
         try:
             check_envelope(message)
         except Malformed as exc:
@@ -137,14 +137,16 @@ class RedisChannel(redis.Channel):
         # raises (not JSON, nested past the recursion limit, a kombu type marker that does
         # not decode) would stop the worker. The item is already off the list: drop it.
         try:
-            return super()._brpop_read(**options)
+            read: bool = super()._brpop_read(**options)  # type: ignore[misc]  # not in the stubs
         except Exception as exc:
             if _Delivered.marked(exc) or isinstance(exc, self._passed_on):
                 raise
             drop(_unreadable(exc))
             raise Empty() from None
+        return read
 
-    def _get(self, queue: str) -> Any:
+    # Like kombu's own, without the virtual channel's `timeout` (celery-types copies that).
+    def _get(self, queue: str) -> Any:  # type: ignore[override]
         try:
             return super()._get(queue)
         except Exception as exc:
@@ -161,7 +163,10 @@ class RedisChannel(redis.Channel):
         transport = self.connection
         if transport is None or transport.client is None:
             raise RedisConnectionError("the broker connection was closed while reconnecting")
-        return super()._connparams(asynchronous=asynchronous)
+        params: dict[str, Any] = super()._connparams(  # type: ignore[misc]  # not in the stubs
+            asynchronous=asynchronous
+        )
+        return params
 
     @property
     def _passed_on(self) -> tuple[type[BaseException], ...]:
@@ -174,7 +179,7 @@ class RedisTransport(_GuardedTransport, redis.Transport):
 
 
 class FilesystemChannel(filesystem.Channel):
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str) -> Any:  # type: ignore[override]  # as for RedisChannel._get
         # The file is already gone from the queue folder when kombu parses it.
         try:
             return super()._get(queue)
@@ -200,7 +205,8 @@ class FilesystemTransport(_GuardedTransport, filesystem.Transport):
     Channel = FilesystemChannel
     polling_interval = 0.25
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> Any:
+    # kombu's virtual transport narrows the base's **kwargs to `timeout`, as this does.
+    def drain_events(self, connection: Any, timeout: float | None = None) -> Any:  # type: ignore[override]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if _shutdown_requested():
@@ -282,6 +288,9 @@ def _is_job_id(value: object) -> bool:
 
 class Consumer(CeleryConsumer):
     """Celery's consumer, dropping every task message check_task refuses with one warning."""
+
+    # Set by Celery's __init__; celery-types does not declare it.
+    connection_errors: tuple[type[BaseException], ...]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)

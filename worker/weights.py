@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torchvision.models import segmentation
@@ -43,7 +43,8 @@ class ModelSpec:
 
     @property
     def url(self) -> str:
-        return self.weights.url
+        url: str = self.weights.url
+        return url
 
     @property
     def file_name(self) -> str:
@@ -264,7 +265,8 @@ def load_model(model_name: str, weights_path: Path) -> torch.nn.Module:
         raise WeightsUnavailable(_misfit_message(model_name, weights_path, state, problem))
     model.load_state_dict(state, strict=True)
     # Training-only head: inference never reads it, so don't pay for it.
-    model.aux_classifier = None
+    # torch's __setattr__ annotation leaves out the None it accepts for a registered submodule.
+    model.aux_classifier = None  # type: ignore[assignment]
     return model.eval()
 
 
@@ -331,16 +333,19 @@ def _unwrap(loaded: object) -> dict[str, torch.Tensor] | None:
     """The tensors of a plain state dict or of a training checkpoint that wraps one."""
     if not isinstance(loaded, Mapping):
         return None
+    found: Mapping[object, object] = loaded
     for key in ("state_dict", "model"):
-        if isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
+        inner = found.get(key)
+        if isinstance(inner, Mapping):
+            found = inner
             break
-    if not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    if not found or not all(isinstance(v, torch.Tensor) for v in found.values()):
         return None
+    tensors = cast(Mapping[object, torch.Tensor], found)  # every value checked just above
     # DataParallel / DDP checkpoints prefix every key.
-    if all(str(k).startswith("module.") for k in loaded):
-        return {str(k)[len("module.") :]: v for k, v in loaded.items()}
-    return {str(k): v for k, v in loaded.items()}
+    if all(str(k).startswith("module.") for k in tensors):
+        return {str(k)[len("module.") :]: v for k, v in tensors.items()}
+    return {str(k): v for k, v in tensors.items()}
 
 
 def _mismatch(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]) -> str:

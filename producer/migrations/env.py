@@ -6,6 +6,8 @@ from sqlalchemy import create_engine
 from producer.models import Base
 
 url = context.config.get_main_option("sqlalchemy.url")
+if url is None:
+    raise RuntimeError("no sqlalchemy.url: run migrations through producer.db.upgrade")
 connectable = create_engine(url)
 with connectable.connect() as connection:
     context.configure(
