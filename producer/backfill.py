@@ -34,10 +34,11 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -133,7 +134,7 @@ def is_manifest(source: str) -> bool:
 
 def walk(
     storage: Storage, source: str, cursor: str | None, size: int, exclude: str
-) -> Iterator[Chunk]:
+) -> Generator[Chunk, None, None]:
     """The source's photos after `cursor`, in chunks; locations under `exclude` (the output
     prefix) are left out so a backfill never processes its own outputs."""
     if is_manifest(source):
@@ -222,6 +223,38 @@ def _etag(storage: Storage, location: str) -> str:
     except InputNotFound:
         # Still a job: it fails with input_not_found and lands in the failure report.
         return ""
+
+
+def read_ahead(chunks: Generator[Chunk, None, None]) -> Generator[Chunk, None, None]:
+    """`chunks`, listed one chunk ahead in a thread: the next listing page (or a manifest
+    chunk's HEADs) is fetched while this one is recorded, instead of after it. Closing this
+    generator stops the reader after at most one more chunk."""
+    ready: queue.Queue[Chunk | BaseException | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                ready.put(chunk)
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as exc:
+            ready.put(exc)
+        finally:
+            chunks.close()
+
+    threading.Thread(target=read, name="backfill-listing", daemon=True).start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Room for the reader's one last put, after which it sees `stop` and ends.
+        with contextlib.suppress(queue.Empty):
+            ready.get_nowait()
 
 
 # --- planning one photo -------------------------------------------------------------------
@@ -483,17 +516,18 @@ class Backfills:
                 self.storage, backfill.source, backfill.cursor, chunk_size, backfill.output_prefix
             )
             cursor = backfill.cursor
-            for chunk in chunks:
-                if self._wait_for_room(backfill_id, len(chunk.items), progress) != "running":
-                    return self.get(backfill_id)
-                planned = [
-                    self._plan(template, item, backfill.output_prefix) for item in chunk.items
-                ]
-                try:
-                    self._record_chunk(backfill_id, cursor, chunk, planned)
-                except _Interrupted:
-                    return self.get(backfill_id)
-                cursor = chunk.position
+            with contextlib.closing(read_ahead(chunks)) as ahead:
+                for chunk in ahead:
+                    if self._wait_for_room(backfill_id, len(chunk.items), progress) != "running":
+                        return self.get(backfill_id)
+                    planned = [
+                        self._plan(template, item, backfill.output_prefix) for item in chunk.items
+                    ]
+                    try:
+                        self._record_chunk(backfill_id, cursor, chunk, planned)
+                    except _Interrupted:
+                        return self.get(backfill_id)
+                    cursor = chunk.position
             self._finish_listing(backfill_id)
         # Everything is submitted: wait for the last jobs (room for all = nothing in flight).
         if self._wait_for_room(backfill_id, backfill.max_in_flight, progress) != "running":

@@ -20,14 +20,16 @@ import redis
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import text as sql_text
 
 from producer import jobs
 from producer.api import MIN_TOKEN_LENGTH, ApiMisconfigured, create_app, decode_cursor
-from producer.broker import QUEUE_NAMES
+from producer.broker import QUEUE_NAMES, make_celery
 from producer.db import session_scope
 from producer.settings import Settings
 from tests.conftest import REDIS_TEST_URL, free_port, poll_until, require_service
 from tests.conftest import run_to_end as finish_job
+from worker.messages import check_envelope, check_task
 
 pytestmark = pytest.mark.integration
 
@@ -149,6 +151,42 @@ def test_an_idempotency_key_resubmitted_returns_the_same_job(
     first, again = submit(http, body), submit(http, body)
     assert again["id"] == first["id"]
     assert redis_depth(settings, "interactive") == 1
+
+
+def test_a_bulk_body_gives_one_row_and_one_guard_accepted_message_per_job(
+    http: TestClient, settings: Settings, photo_root: Path
+) -> None:
+    body = [
+        {
+            "input": location(photo_root, f"{i}.png"),
+            "queue": "bulk" if i % 4 else "interactive",
+            **({"idempotency_key": f"bulk-{i}"} if i % 2 else {}),
+        }
+        for i in range(1500)
+    ]
+    records = submit(http, body)
+    again = submit(http, body[1::2])
+    assert [r["id"] for r in again] == [r["id"] for r in records[1::2]]
+    with session_scope(settings.database_url) as session:
+        stored = jobs.get_many(session, [r["id"] for r in records])
+        assert session.scalar(sql_text("SELECT count(*) FROM jobs")) == 1500
+    assert [job.to_record() for job in stored] == records
+    messages = {
+        queue: redis.Redis.from_url(settings.broker_url).lrange(queue, 0, -1)
+        for queue in QUEUE_NAMES
+    }
+    assert {queue: len(raws) for queue, raws in messages.items()} == {
+        "interactive": 375,
+        "bulk": 1125,
+    }
+    with make_celery(settings).connection_for_read() as connection:
+        channel = connection.default_channel
+        for raw in messages["bulk"] + messages["interactive"]:
+            payload = json.loads(raw)
+            check_envelope(payload)
+            check_task(channel.Message(payload, channel=channel))
+    queued_ids = {json.loads(raw)["headers"]["id"] for raws in messages.values() for raw in raws}
+    assert queued_ids == {r["id"] for r in records}
 
 
 def test_more_jobs_than_the_batch_limit_are_refused_whole(db_url: str, photo_root: Path) -> None:

@@ -357,3 +357,69 @@ def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> Non
     command.upgrade(config, "head")
     assert (_job(url, "a").owns_output, _job(url, "a").owns_mask) == (True, True)
     assert (_job(url, "b").owns_output, _job(url, "b").owns_mask) == (False, False)
+
+
+# --- bulk creation -------------------------------------------------------------------------
+
+
+def test_a_bulk_body_becomes_one_row_per_job_whose_records_are_what_the_database_holds(
+    db_url: str,
+) -> None:
+    requests = [
+        _request(output=f"s3://out/bulk/{i}.png", idempotency_key=f"bulk-{i}" if i % 2 else None)
+        for i in range(1200)
+    ]
+    created = _create(db_url, *requests)
+    with session_scope(db_url) as session:
+        assert session.scalar(text("SELECT count(*) FROM jobs")) == 1200
+        stored = jobs.get_many(session, [c.job.id for c in created])
+        assert [c.job.to_record() for c in created] == [job.to_record() for job in stored]
+    assert all(c.new for c in created)
+
+
+def test_an_idempotency_key_named_twice_in_one_body_makes_one_job(db_url: str) -> None:
+    first, other, again = _create(
+        db_url,
+        _request(idempotency_key="twice", output="s3://out/twice-a.png"),
+        _request(output="s3://out/other.png"),
+        _request(idempotency_key="twice", output="s3://out/twice-b.png"),
+    )
+    assert first.new and other.new and not again.new
+    assert again.job.id == first.job.id and again.job.output == "s3://out/twice-a.png"
+    with session_scope(db_url) as session:
+        assert session.scalar(text("SELECT count(*) FROM jobs")) == 2
+
+
+def test_a_second_bulk_body_gets_the_jobs_of_its_known_keys_and_new_ones_for_the_rest(
+    db_url: str,
+) -> None:
+    first = _create(db_url, *[_request(idempotency_key=f"k{i}") for i in range(300)])
+    second = _create(db_url, *[_request(idempotency_key=f"k{i}") for i in range(200, 500)])
+    assert [c.job.id for c in second[:100]] == [c.job.id for c in first[200:]]
+    assert not any(c.new for c in second[:100]) and all(c.new for c in second[100:])
+    with session_scope(db_url) as session:
+        assert session.scalar(text("SELECT count(*) FROM jobs")) == 500
+
+
+def test_a_bulk_body_naming_a_taken_output_is_refused_whole(db_url: str) -> None:
+    _create(db_url, _request(output="s3://out/taken.png"))
+    requests = [_request(output=f"s3://out/free-{i}.png") for i in range(500)]
+    with pytest.raises(InvalidRequest, match="already belongs to another job"):
+        _create(db_url, *requests, _request(output="s3://out/taken.png"))
+    with pytest.raises(InvalidRequest, match="named twice"):
+        _create(db_url, *requests, _request(output="s3://out/free-7.png"))
+    with session_scope(db_url) as session:
+        assert session.scalar(text("SELECT count(*) FROM jobs")) == 1
+
+
+def test_a_concurrent_insert_of_a_taken_output_is_refused_by_the_unique_index(
+    db_url: str,
+) -> None:
+    _create(db_url, _request(output="s3://out/raced.png"))
+    with session_scope(db_url) as session:
+        rows = [
+            jobs._row(_request(output=f"s3://out/{name}.png"), PREFIX, jobs.now())
+            for name in ("fresh", "raced")
+        ]
+        with pytest.raises(InvalidRequest, match="already belongs to another job"):
+            jobs._insert(session, rows)
