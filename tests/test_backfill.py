@@ -5,6 +5,7 @@ runs a real `backdrop worker` over a small prefix end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -28,8 +29,9 @@ from sqlalchemy import func, select, text
 
 from producer import jobs
 from producer.api import create_app
-from producer.backfill import Backfills, BackfillUnreachable, from_settings
+from producer.backfill import Backfills, BackfillUnreachable, Chunk, from_settings, read_ahead
 from producer.db import get_engine, session_scope
+from producer.errors import InputNotFound
 from producer.models import Backfill, Job
 from producer.settings import Settings
 from tests.conftest import S3_TEST_CREDENTIALS, poll_until, redis_url_for_tests
@@ -536,3 +538,43 @@ def test_a_re_run_skips_photos_that_failed_for_their_own_sake_and_retries_the_re
     assert (again["counts"]["skipped"], again["counts"]["submitted"]) == (9, 1)
     (retried,) = jobs_of(settings, again["id"])
     assert retried.input.endswith("0006.png")
+
+
+# --- reading the listing ahead ---------------------------------------------------------------
+
+
+def _chunks(count: int, read: list[int], fail_at: int | None = None) -> Iterator[Chunk]:
+    for number in range(count):
+        if number == fail_at:
+            raise InputNotFound("the listing broke off")
+        read.append(number)
+        yield Chunk([], str(number))
+
+
+def test_the_listing_read_ahead_yields_every_chunk_in_order() -> None:
+    read: list[int] = []
+    assert [chunk.position for chunk in read_ahead(_chunks(7, read))] == [str(n) for n in range(7)]
+
+
+def test_a_listing_error_reaches_the_backfill_after_the_chunks_before_it() -> None:
+    seen = []
+    with pytest.raises(InputNotFound, match="broke off"):
+        for chunk in read_ahead(_chunks(7, [], fail_at=3)):
+            seen.append(chunk.position)
+    assert seen == ["0", "1", "2"]
+
+
+def test_a_backfill_that_stops_early_stops_the_listing_within_two_chunks() -> None:
+    read: list[int] = []
+    finished = threading.Event()
+
+    def chunks() -> Iterator[Chunk]:
+        try:
+            yield from _chunks(1000, read)
+        finally:
+            finished.set()
+
+    with contextlib.closing(read_ahead(chunks())) as ahead:
+        assert next(ahead).position == "0"
+    assert finished.wait(timeout=10)
+    assert len(read) <= 3
