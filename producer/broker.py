@@ -98,8 +98,12 @@ def enqueue(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:
     if not jobs:
         return
     with app.producer_or_acquire() as producer:
-        if isinstance(producer.channel, redis.Channel):
-            _push(app, producer.channel, jobs)
+        connection = producer.connection
+        if isinstance(connection.transport, redis.Transport):
+            # Connect as send_task would: a down broker fails within a second, not kombu's
+            # default of several.
+            connection.ensure_connection(**app.conf.task_publish_retry_policy)
+            _push(app, connection.default_channel, jobs)
             return
         with producer.batch(max_size=PUBLISH_BATCH):
             for job_id, queue in jobs:

@@ -189,6 +189,19 @@ def test_a_bulk_body_gives_one_row_and_one_guard_accepted_message_per_job(
     assert queued_ids == {r["id"] for r in records}
 
 
+def test_a_bulk_body_the_broker_cannot_take_is_503_and_leaves_no_job_behind(
+    db_url: str, photo_root: Path
+) -> None:
+    settings = api_settings(db_url, photo_root, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    body = [{"input": location(photo_root, f"{i}.png")} for i in range(1500)]
+    with TestClient(create_app(settings)) as http:
+        response = http.post("/v1/jobs", json=body, headers=AUTH)
+    error = assert_error(response, 503, "broker_unavailable")
+    assert "1500 of 1500 new jobs were withdrawn" in error["message"]
+    with session_scope(db_url) as session:
+        assert session.scalar(sql_text("SELECT count(*) FROM jobs")) == 0
+
+
 def test_more_jobs_than_the_batch_limit_are_refused_whole(db_url: str, photo_root: Path) -> None:
     settings = api_settings(db_url, photo_root, api_max_batch=3)
     with TestClient(create_app(settings)) as http:
