@@ -92,11 +92,14 @@ def create(
             job.idempotency_key: job
             for job in session.scalars(select(Job).where(Job.idempotency_key.in_(wanted_keys)))
         }
+    # The columns the database fills in itself, as it fills them.
+    defaults = {"owns_output": False, "owns_mask": False}
     results = []
     for row in rows:
         stored_at = inserted.get(row["id"])
         if stored_at is not None:
-            results.append(Created(Job(**(row | {"created_at": stored_at})), new=True))
+            job = Job(**(row | defaults | {"created_at": stored_at}))
+            results.append(Created(job, new=True))
         else:
             results.append(Created(by_key[row["idempotency_key"]], new=False))
     return results
