@@ -700,6 +700,9 @@ def worker(
     loglevel: str,
 ) -> None:
     """Run a Celery worker: job threads feeding one batched model."""
+    from worker.threadplan import prepare_environment
+
+    prepare_environment()  # before _check_device imports torch
     settings = configure(device=device, max_batch=max_batch)
     _check_device(settings.device)
     from worker.runner import run_worker

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=8, ge=1, le=256)
     # Torch's intra-op threads on a CPU worker; None: every core (see worker/runner.py).
     torch_threads: int | None = Field(default=None, ge=1, le=512)
+    # Jobs decoding, refining, compositing or encoding at once; None: one per core
+    # (worker/threadplan.py).
+    cpu_slots: int | None = Field(default=None, ge=1, le=512)
     max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     # The long side of the image the model sees, whatever the photo's aspect ratio, so a
     # photo's cost is bounded. (torchvision evaluated these weights with the SHORT side at

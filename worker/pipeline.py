@@ -60,15 +60,33 @@ def alpha_for(
     coarse_mask: np.ndarray | None = None,
     device: torch.device | None = None,
 ) -> np.ndarray:
-    """Full-resolution alpha: the model's soft mask (or a supplied coarse one), refined.
+    """Full-resolution alpha: the model's soft mask (or a supplied coarse one), refined."""
+    soft = soft_mask(photo, request, timings, segment=segment, coarse_mask=coarse_mask)
+    return refined(photo, soft, timings, device=device)
+
+
+def soft_mask(
+    photo: DecodedImage,
+    request: JobRequest,
+    timings: Timings,
+    *,
+    segment: Segment,
+    coarse_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """The model's [0, 1] soft mask at its own resolution, or a supplied coarse one."""
+    if coarse_mask is not None:
+        return coarse_mask.astype(np.float32) / 255.0
+    with timings.stage("segment"):
+        return segment(photo.rgb, request.class_indices)
+
+
+def refined(
+    photo: DecodedImage, soft: np.ndarray, timings: Timings, *, device: torch.device | None = None
+) -> np.ndarray:
+    """The soft mask refined to a full-resolution alpha.
 
     A GPU `device` (the segmenter's) also runs the matting solve, so a host feeding a fast GPU
     does not become the bottleneck; on a CPU the numpy path is the faster one."""
-    if coarse_mask is not None:
-        soft = coarse_mask.astype(np.float32) / 255.0
-    else:
-        with timings.stage("segment"):
-            soft = segment(photo.rgb, request.class_indices)
     backend = TorchBackend(str(device)) if _accelerated(device) else None
     with timings.stage("refine"):
         return refine_mask(soft, photo.rgb, backend=backend)

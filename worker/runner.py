@@ -2,11 +2,22 @@
 
 Threads, not prefork: the one model (and its CUDA context) lives in this process and every
 job thread shares it through the batcher; nothing is ever forked after torch is imported.
+
+The threads are sized to the cores (worker/threadplan.py), because a job's CPU is the model's
+and the imaging's, and they compete: 2 x max-batch job threads all imaging at once on 2 cores,
+with torch's OpenMP threads spinning while they waited, spent ~0.3 s of CPU per job on top of
+its stages' own. Now imaging runs in one CPU slot per core (decode, then refine to encode),
+the job threads are just enough to fill a model batch besides, OpenMP waits passively, and
+I/O overlaps freely. On a GPU host the same plan holds for the host's share (decode, the
+codecs); the batcher still owns the model. Python's cyclic garbage collector is kept off the
+import-time objects (gc.freeze): its full collections walked torch's and Celery's millions of
+objects, ~5% of a busy worker's CPU.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import socket
@@ -18,13 +29,9 @@ from collections.abc import Sequence
 from producer.logs import configure as configure_logging
 from producer.settings import Settings
 from producer.storage import get_storage
+from worker.threadplan import ThreadPlan, cores, plan_threads, prepare_environment
 
 log = logging.getLogger(__name__)
-
-
-def default_concurrency(settings: Settings) -> int:
-    # Enough job threads to fill a batch while the previous one is composited and uploaded.
-    return max(4, 2 * settings.max_batch)
 
 
 def preflight(settings: Settings) -> None:
@@ -50,22 +57,18 @@ def celery_argv(queues: Sequence[str], concurrency: int, loglevel: str) -> list[
     ]
 
 
-def torch_threads(settings: Settings, cores: int) -> int:
-    """Every core by default: measured on 2 cores, leaving one to the job threads cost a
-    quarter of the throughput. Set BACKDROP_TORCH_THREADS when several workers share a host."""
-    if settings.torch_threads:
-        return settings.torch_threads
-    return cores
-
-
-def tune_threads(settings: Settings) -> None:
-    """OpenCV runs single-threaded per call because the job threads already run many OpenCV
-    calls side by side; torch gets the cores torch_threads() gives it."""
+def tune_threads(plan: ThreadPlan) -> None:
+    """OpenCV runs single-threaded per call because the CPU slots already run one OpenCV call
+    per core side by side; torch gets the plan's threads."""
     import cv2
     import torch
 
     cv2.setNumThreads(1)
-    torch.set_num_threads(torch_threads(settings, os.cpu_count() or 1))
+    torch.set_num_threads(plan.torch_threads)
+    try:
+        torch.set_num_interop_threads(plan.interop_threads)
+    except RuntimeError:  # inter-op work already ran: its pool stays as it is
+        log.debug("torch's inter-op threads were already started")
 
 
 TIMER_PRECISION_S = 0.1
@@ -108,9 +111,17 @@ def run_worker(
     settings: Settings, *, queues: Sequence[str], concurrency: int | None, loglevel: str
 ) -> None:
     configure_logging(loglevel)
+    prepare_environment()
     tune_memory()
     preflight(settings)
-    tune_threads(settings)
+    plan = plan_threads(settings, cores(), concurrency=concurrency)
+    log.info(
+        "%d job threads, %d CPU slots, %d torch threads",
+        plan.job_threads,
+        plan.cpu_slots,
+        plan.torch_threads,
+    )
+    tune_threads(plan)
     serve_metrics(settings)
     from worker import deliveries
     from worker.tasks import app, worker_name
@@ -119,7 +130,8 @@ def run_worker(
     # Celery's timer thread sleeps this long between looks at its stop flag, and a warm
     # shutdown waits for it: 1 s by default.
     app.conf.worker_timer_precision = TIMER_PRECISION_S
-    app.worker_main(celery_argv(queues, concurrency or default_concurrency(settings), loglevel))
+    gc.freeze()
+    app.worker_main(celery_argv(queues, plan.job_threads, loglevel))
     if callbacks is not None:
         callbacks.stop()  # attempts in flight end within their deadline
     exit_now()

@@ -37,8 +37,9 @@ from producer.storage import Storage, content_type_for, get_storage
 from worker import budget, messages
 from worker.batcher import Batcher
 from worker.imageio import decode_image, decode_mask, image_size
-from worker.pipeline import Rendered, Timings, alpha_for, render
+from worker.pipeline import Rendered, Timings, refined, render, soft_mask
 from worker.segmenter import Segmenter
+from worker.threadplan import CpuSlots, cores, plan_threads
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -48,6 +49,7 @@ _batcher: Batcher | None = None
 _batcher_lock = threading.Lock()
 _leases: LeaseKeeper | None = None
 _budget: budget.MemoryBudget | None = None
+_cpu_slots: CpuSlots | None = None
 
 
 class Superseded(Exception):
@@ -90,6 +92,15 @@ def get_budget() -> budget.MemoryBudget:
             _budget = budget.MemoryBudget(budget.capacity_bytes(get_settings()))
             log.info("memory budget for images: %.0f MB", _budget.capacity / budget.MB)
         return _budget
+
+
+def get_cpu_slots() -> CpuSlots:
+    """The process's CPU slots for imaging, shared by every job thread."""
+    global _cpu_slots
+    with _batcher_lock:
+        if _cpu_slots is None:
+            _cpu_slots = CpuSlots(plan_threads(get_settings(), cores()).cpu_slots)
+        return _cpu_slots
 
 
 def get_leases() -> LeaseKeeper:
@@ -232,7 +243,10 @@ def _image(
 ) -> tuple[Rendered, tuple[int, int]]:
     """Decode, segment, refine, composite and encode; the rendered bytes and the photo's size."""
     limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
-    with timings.stage("decode"):
+    cpu = get_cpu_slots()
+    # The imaging holds a CPU slot, the model call does not: a job waiting for its batch
+    # must not keep a core's slot from a job that has its mask (see worker/threadplan.py).
+    with cpu.hold(), timings.stage("decode"):
         photo = decode_image(inputs.photo, **limits)
         coarse = background = None
         if inputs.mask is not None:
@@ -242,18 +256,18 @@ def _image(
             with _about("background image"):
                 background = decode_image(inputs.background, **limits).rgb
     device = batcher.segmenter.device
-    alpha = alpha_for(
-        photo, request, timings, segment=batcher.segment, coarse_mask=coarse, device=device
-    )
-    rendered = render(
-        photo,
-        alpha,
-        request,
-        timings,
-        background=background,
-        want_mask=request.mask_output is not None,
-        device=device,
-    )
+    soft = soft_mask(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
+    with cpu.hold():
+        alpha = refined(photo, soft, timings, device=device)
+        rendered = render(
+            photo,
+            alpha,
+            request,
+            timings,
+            background=background,
+            want_mask=request.mask_output is not None,
+            device=device,
+        )
     return rendered, photo.size
 
 
