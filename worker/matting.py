@@ -98,6 +98,33 @@ class TorchBackend:
         return x.cpu().numpy()
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """Every window's pixel count, colour mean and covariance for one guide and radius:
+    what any Laplacian of that guide needs, whatever its eps, so one set serves several."""
+
+    backend: Backend
+    guide: Array  # (3, H, W), float64
+    radius: int
+    count: Array  # pixels in each window (fewer at the border)
+    mean: Array  # (3, H, W) window colour means
+    cov: dict[tuple[int, int], Array]  # the 6 entries (i <= j) of each window's Σ
+
+    @classmethod
+    def of(cls, guide: np.ndarray, radius: int, backend: Backend) -> WindowStats:
+        """In float64: in float32, E[I²] − E[I]² loses the small variances of flat windows,
+        their inverse turns indefinite and conjugate gradients diverge."""
+        box = backend.box_sum
+        guide = backend.asarray(guide, np.float64)
+        count = box(backend.ones_like(guide[0]), radius)
+        mean = box(guide, radius) / count
+        cov = {}
+        for i in range(3):
+            for j in range(i, 3):
+                cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
+        return cls(backend, guide, radius, count, mean, cov)
+
+
 @dataclass
 class Laplacian:
     """L·p for one guide, with every window's colour statistics computed once."""
@@ -111,20 +138,23 @@ class Laplacian:
 
     @classmethod
     def of(cls, guide: np.ndarray, radius: int, eps: float, backend: Backend) -> Laplacian:
-        """The statistics in float64: in float32, E[I²] − E[I]² loses the small variances of
-        flat windows, their inverse turns indefinite and conjugate gradients diverge."""
-        box = backend.box_sum
-        guide = backend.asarray(guide, np.float64)
-        count = box(backend.ones_like(guide[0]), radius)
-        mean = box(guide, radius) / count
-        cov = {}
+        return cls.from_stats(WindowStats.of(guide, radius, backend), eps)
+
+    @classmethod
+    def from_stats(cls, stats: WindowStats, eps: float) -> Laplacian:
+        cov = dict(stats.cov)
         for i in range(3):
-            for j in range(i, 3):
-                cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
             cov[i, i] = cov[i, i] + eps
-        single = backend.single
+        single = stats.backend.single
         inverse = [single(x) for x in inverse3(cov)]
-        return cls(backend, single(guide), radius, single(count), single(mean), inverse)
+        return cls(
+            stats.backend,
+            single(stats.guide),
+            stats.radius,
+            single(stats.count),
+            single(stats.mean),
+            inverse,
+        )
 
     def __call__(self, p: Array) -> Array:
         box, radius = self.backend.box_sum, self.radius
@@ -209,17 +239,16 @@ def solve(
 
 
 def solve_matte(
-    backend: Backend,
-    guide: np.ndarray,
+    stats: WindowStats,
     known: np.ndarray,
     prior: np.ndarray,
     *,
-    radius: int,
     eps: float,
     weight: float,
     iterations: int,
 ) -> np.ndarray:
-    """solve() for numpy inputs, run on backend's arrays and device; a numpy matte back."""
-    laplacian = Laplacian.of(guide, radius, eps, backend)
+    """solve() for numpy inputs, run on the stats' backend and device; a numpy matte back."""
+    backend = stats.backend
+    laplacian = Laplacian.from_stats(stats, eps)
     matte = solve(laplacian, backend.asarray(known), backend.asarray(prior), weight, iterations)
     return backend.to_numpy(matte)

@@ -29,7 +29,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from worker.matting import Backend, Laplacian, NumpyBackend, TorchBackend, solve_matte
+from worker.matting import (
+    Backend,
+    Laplacian,
+    NumpyBackend,
+    TorchBackend,
+    WindowStats,
+    solve_matte,
+)
 
 WORKING_PIXELS = 300_000
 MASK_CELLS = 65  # DeepLabV3's logits along the long side: ceil(520 / 8)
@@ -70,7 +77,9 @@ NEED_RAMP = 0.1
 NEEDED_SEPARATION = 4.0
 # The matting solve: a strip STRIP_RADIUS working pixels either side of the edge.
 STRIP_RADIUS = 2
-MATTING_RADIUS = 1
+# One window radius for the solve and the upsampling, so the guide's window statistics are
+# computed once for both.
+WINDOW_RADIUS = 1
 MATTING_EPS = 1e-5
 PRIOR_WEIGHT = 0.02
 ITERATIONS = 10
@@ -79,7 +88,6 @@ ITERATIONS = 10
 STRIP_GAIN = 2.0
 CHECK_TOLERANCE = 0.25
 CHECK_RAMP = 0.15
-UPSAMPLE_RADIUS = 1
 UPSAMPLE_EPS = 1e-3
 
 
@@ -113,9 +121,10 @@ def refine_mask(
     coloured = np.where(band, colour_alpha(llr, separation, mask, reference), reference)
     backend = backend or NumpyBackend()
     channels = np.ascontiguousarray(small_guide.transpose(2, 0, 1))
-    matte = matte_strip(channels, checked(coloured, mask, reference), backend)
+    stats = WindowStats.of(channels, WINDOW_RADIUS, backend)
+    matte = matte_strip(stats, checked(coloured, mask, reference))
     matte = checked(matte, mask, reference)
-    upsampler = Laplacian.of(channels, UPSAMPLE_RADIUS, UPSAMPLE_EPS, backend)
+    upsampler = Laplacian.from_stats(stats, UPSAMPLE_EPS)
     model = upsampler.linear_model(backend.asarray(matte))
     if isinstance(backend, TorchBackend):
         return _apply_on_device(model, guide, backend)
@@ -259,10 +268,10 @@ def _spread(x: np.ndarray) -> np.ndarray:
     return near + FAR_SHARE * cv2.GaussianBlur(x, (0, 0), FAR_SIGMA)
 
 
-def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np.ndarray:
+def matte_strip(stats: WindowStats, alpha: np.ndarray) -> np.ndarray:
     """Closed-form matting in a strip around alpha's 0.5 contour; outside it alpha is 0 or 1.
 
-    channels is the working guide, channel-first (3, h, w) in 0..1.
+    stats are the working guide's (channel-first (3, h, w) in 0..1) window statistics.
     """
     inside = (alpha > 0.5).astype(np.uint8)
     size = 2 * STRIP_RADIUS + 1
@@ -273,11 +282,9 @@ def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np
     prior = np.where(strip, alpha, inside).astype(np.float32)
     known = (~strip).astype(np.float32)
     matte = solve_matte(
-        backend,
-        channels,
+        stats,
         known,
         prior,
-        radius=MATTING_RADIUS,
         eps=MATTING_EPS,
         weight=PRIOR_WEIGHT,
         iterations=ITERATIONS,
