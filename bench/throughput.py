@@ -53,7 +53,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -140,6 +141,49 @@ def model_only(segmenter: Segmenter, photos: list[bytes], batch: int) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
+STAGE_SIZE = (1600, 1200)  # "2 MP": the middle of SIZES
+
+
+def stage_cpu(segmenter: Segmenter, photos: int = 8) -> dict[str, float]:
+    """CPU ms per stage of the default job (remove -> white), median over photos at
+    STAGE_SIZE, on one thread (OpenCV's and torch's): what each stage costs a core."""
+    from worker.composite import remove_background
+    from worker.foreground import estimate_foreground
+    from worker.imageio import decode_image, encode_image
+    from worker.refine import refine_mask
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    costs: dict[str, list[float]] = {}
+
+    @contextmanager
+    def timed(stage: str) -> Iterator[None]:
+        started = time.thread_time()
+        yield
+        costs.setdefault(stage, []).append((time.thread_time() - started) * 1000)
+
+    try:
+        for data in make_photos(photos + 1, (STAGE_SIZE,)):
+            with timed("decode"):
+                photo = decode_image(data, max_pixels=10**9, max_bytes=10**9)
+            with timed("segment"):
+                soft = segmenter.predict([photo.rgb], [range(1, 21)])[0]
+            with timed("refine"):
+                alpha = refine_mask(soft, photo.rgb)
+            with timed("decontaminate"):
+                colours = estimate_foreground(photo.rgb, alpha)
+            with timed("composite"):
+                pixels = remove_background(colours, alpha, (255, 255, 255))
+            with timed("encode png"):
+                encode_image(pixels, "png")
+            with timed("encode jpeg"):
+                encode_image(pixels, "jpeg", quality=JPEG_QUALITY)
+    finally:
+        torch.set_num_threads(threads)
+    return {stage: float(np.median(ms[1:])) for stage, ms in costs.items()}  # first: warm-up
+
+
 def short_side(size: int) -> Callable[[Image.Image], Image.Image]:
     """The tutorial's T.Resize(size): the short side to `size`."""
     return lambda image: TF.resize(image, size)
@@ -222,6 +266,9 @@ class Loop:
 
     def rate(self, fmt: str) -> float:
         return float(np.mean(self.rates[fmt]))
+
+    def best(self, fmt: str) -> float:
+        return max(self.rates[fmt])
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -429,6 +476,10 @@ class EndToEnd:
         return float(np.mean(self.rates))
 
     @property
+    def best(self) -> float:
+        return max(self.rates)
+
+    @property
     def span_s(self) -> float:
         """The jobs' own span: first start to last finish."""
         first = min(moment(r["started_at"]) for r in self.records)
@@ -569,6 +620,7 @@ def main() -> None:
 
     batches = sorted({1, args.max_batch})
     model_rates = {b: model_only(segmenter, photos, b) for b in batches}
+    stages = stage_cpu(segmenter)
     del segmenter
     loop_model = load_model(args.model, weights).to(device).eval()
 
@@ -597,6 +649,7 @@ def main() -> None:
     finally:
         services.close()
     report(model_rates, loops, e2e, formats, args.max_batch)
+    report_targets(args.model, loops, e2e, formats, args.max_batch, stages)
     if memory:
         report_memory(memory, args.memory_jobs)
 
@@ -697,6 +750,56 @@ def report_end_to_end(result: EndToEnd, batch: int, fmt: str) -> None:
         f"over the client's window, {used:.0f} used by these, {available - used:.0f} idle "
         "or other processes'"
     )
+
+
+# issue 13's targets: (c) at max batch over a loop, by model and format; ≥ these.
+RATIO_TARGETS = {
+    ("deeplabv3_mobilenet_v3_large", "png", "(b2)"): 1.0,
+    ("deeplabv3_mobilenet_v3_large", "jpeg", "(b2)"): 1.4,
+    ("deeplabv3_resnet101", "png", "(b1)"): 1.2,
+    ("deeplabv3_resnet101", "jpeg", "(b1)"): 1.2,
+}
+CODECS_AND_COMPOSITING_TARGET_MS = 60.0
+
+
+def report_targets(
+    model: str,
+    loops: list[Loop],
+    e2e: dict[tuple[int, str], EndToEnd],
+    formats: list[str],
+    max_batch: int,
+    stages: dict[str, float],
+) -> None:
+    """One labelled line per target: the ratio measured side by side in this run, of the
+    rounds' means and of each side's best round (the least disturbed by other load: a loop
+    whose OpenMP threads spin suffers far more from a busy machine than the worker)."""
+    print()
+    width, height = STAGE_SIZE
+    print(
+        f"worker CPU per default job at {width}x{height}, one thread, ms (median): "
+        + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stages.items())
+    )
+    for fmt in formats:
+        codecs = stages["decode"] + stages["composite"] + stages[f"encode {fmt}"]
+        verdict = "met" if codecs <= CODECS_AND_COMPOSITING_TARGET_MS else "NOT met"
+        print(
+            f"TARGET codecs + compositing ({fmt}: decode + composite + encode) = {codecs:.1f} ms"
+            f" (<= {CODECS_AND_COMPOSITING_TARGET_MS:.0f}: {verdict})"
+        )
+    for loop in loops:
+        name = loop.label.split()[0]
+        for fmt in formats:
+            target = RATIO_TARGETS.get((model, fmt, name))
+            if target is None:
+                continue
+            result = e2e[max_batch, fmt]
+            ratio, best = result.rate / loop.rate(fmt), result.best / loop.best(fmt)
+            verdict = "met" if min(ratio, best) >= target else "NOT met"
+            print(
+                f"TARGET {model} {fmt}: (c) max batch {max_batch} / {loop.label} = "
+                f"{ratio:.2f}x of means, {best:.2f}x of best rounds "
+                f"({len(result.rates)}) (>= {target}: {verdict})"
+            )
 
 
 def report_memory(memory: dict[str, float], memory_jobs: int) -> None:
