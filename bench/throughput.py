@@ -26,6 +26,12 @@ stage times, the CPU each process used (worker, S3 server, PostgreSQL, Redis, th
 and where the rest of the wall time went: queueing before a job starts, time inside a job
 outside its stages, and idle cores (or cores other processes took).
 
+It also times each stage of the default job on one thread at 1600x1200 (decode, segment,
+refine, decontaminate, composite, encode as PNG and as JPEG: what a stage costs a core), and
+ends with one TARGET line per target of issue 13: codecs and compositing together per job,
+and (c) at max batch over (b2) (MobileNetV3; PNG and JPEG) or (b1) (ResNet-101), as the
+ratio of the rounds' means and of each side's best round.
+
 Random-init weights unless --weights is given: speed does not depend on their values, as
 long as the masks they give vary (see write_random_weights).
 Needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and moto (the dev extra).
