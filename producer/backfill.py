@@ -296,7 +296,7 @@ def plan(template: JobRequest, item: Item, output_prefix: str, model: str) -> Pl
 def _already_done(session: Session, planned: list[Planned]) -> set[str]:
     prints = [p.fingerprint for p in planned]
     query = select(Job.fingerprint).where(
-        Job.fingerprint.in_(prints),
+        jobs.one_of(session, Job.fingerprint, prints),
         or_(
             Job.status.in_(SKIP_STATUSES),
             (Job.status == JobStatus.FAILED.value) & Job.error_code.in_(PHOTO_FAILURES),
@@ -348,7 +348,7 @@ def _by_output_owner(
         row.output: row
         for row in session.execute(
             select(Job.id, Job.input, Job.output, Job.status, Job.backfill_id).where(
-                Job.output.in_(outputs)
+                jobs.one_of(session, Job.output, outputs)
             )
         )
     }

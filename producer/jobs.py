@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Insert, TextClause, case, delete, false, func, select, text, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Insert,
+    TextClause,
+    any_,
+    bindparam,
+    case,
+    delete,
+    false,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -32,6 +46,14 @@ STATEMENT_CHUNK = 2000
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def one_of(session: Session, column: Any, values: Sequence[str]) -> ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL as `= ANY(one array parameter)`: a bulk body's
+    hundreds of values are then one bound value, not hundreds to compile, send and cast."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 def default_output(output_prefix: str, job_id: str, fmt: str) -> str:
@@ -90,7 +112,9 @@ def create(
     if wanted_keys:
         by_key = {
             job.idempotency_key: job
-            for job in session.scalars(select(Job).where(Job.idempotency_key.in_(wanted_keys)))
+            for job in session.scalars(
+                select(Job).where(one_of(session, Job.idempotency_key, wanted_keys))
+            )
         }
     # The columns the database fills in itself, as it fills them.
     defaults = {"owns_output": False, "owns_mask": False}
@@ -173,7 +197,9 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
     for start_at in range(0, len(keys), STATEMENT_CHUNK):
         chunk = keys[start_at : start_at + STATEMENT_CHUNK]
         known.update(
-            session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.in_(chunk)))
+            session.scalars(
+                select(Job.idempotency_key).where(one_of(session, Job.idempotency_key, chunk))
+            )
         )
     fresh = [row for row in rows if row["idempotency_key"] not in known]
     written = [row[name] for row in fresh for name in ("output", "mask_output") if row[name]]
@@ -186,8 +212,8 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
         chunk = written[start_at : start_at + STATEMENT_CHUNK]
         taken = session.scalars(
             select(Job.output)
-            .where(Job.output.in_(chunk))
-            .union_all(select(Job.mask_output).where(Job.mask_output.in_(chunk)))
+            .where(one_of(session, Job.output, chunk))
+            .union_all(select(Job.mask_output).where(one_of(session, Job.mask_output, chunk)))
             .limit(1)
         ).first()
         if taken is not None:
