@@ -30,8 +30,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from producer import outbox
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
@@ -42,13 +43,16 @@ from producer.request import JobRequest
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "avif": "avif"}
 # Rows or ids per statement: well under the bound-parameter limits of SQLite and PostgreSQL.
 STATEMENT_CHUNK = 2000
+JOBS = Job.metadata.tables["jobs"]
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-def one_of(session: Session, column: Any, values: Sequence[str]) -> ColumnElement[bool]:
+def one_of(
+    session: Session, column: InstrumentedAttribute[Any], values: Sequence[Any]
+) -> ColumnElement[bool]:
     """`column IN values`; on PostgreSQL as `= ANY(one array parameter)`: a bulk body's
     hundreds of values are then one bound value, not hundreds to compile, send and cast."""
     if session.get_bind().dialect.name == "postgresql":
@@ -134,11 +138,12 @@ def _insert(session: Session, rows: list[dict[str, Any]]) -> dict[str, datetime]
     back) of those inserted: all but the ones whose idempotency key was taken meanwhile."""
     if not rows:
         return {}
-    # Every row names the same columns (a row's extras may leave some out).
+    # The columns any row names (a row that leaves one out gets NULL there).
     names = list(dict.fromkeys(name for row in rows for name in row))
     try:
-        if session.get_bind().dialect.name == "postgresql":
-            returned = session.execute(_unnest_insert(names), _column_arrays(names, rows))
+        dialect = session.get_bind().dialect
+        if dialect.name == "postgresql":
+            returned = session.execute(_unnest_insert(dialect, names), _column_arrays(names, rows))
         else:
             returned = session.execute(_values_insert(), [dict.fromkeys(names) | r for r in rows])
     except IntegrityError:
@@ -150,14 +155,12 @@ def _insert(session: Session, rows: list[dict[str, Any]]) -> dict[str, datetime]
     return {job_id: stored_at for job_id, stored_at in returned}
 
 
-def _unnest_insert(names: list[str]) -> TextClause:
+def _unnest_insert(dialect: Dialect, names: list[str]) -> TextClause:
     """PostgreSQL: INSERT … SELECT FROM unnest(one array per column). A short statement,
     parsed and planned once whatever the row count; the multi-row VALUES form of 1,000 jobs
     (13,000 parameters) cost ~5x the time, most of it parsing the statement."""
-    dialect = postgresql.dialect()
-    table = Job.__table__
     arrays = ", ".join(
-        f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names
+        f"CAST(:{name} AS {JOBS.c[name].type.compile(dialect=dialect)}[])" for name in names
     )
     return text(
         f"INSERT INTO jobs ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
@@ -166,11 +169,10 @@ def _unnest_insert(names: list[str]) -> TextClause:
 
 
 def _column_arrays(names: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    table = Job.__table__
     arrays = {}
     for name in names:
         values = [row.get(name) for row in rows]
-        if isinstance(table.c[name].type, JSON):
+        if isinstance(JOBS.c[name].type, JSON):
             values = [json.dumps(value) for value in values]
         arrays[name] = values
     return arrays
@@ -179,11 +181,10 @@ def _column_arrays(names: list[str], rows: list[dict[str, Any]]) -> dict[str, li
 def _values_insert() -> Insert:
     """SQLite: an executemany SQLAlchemy sends as multi-row VALUES pages under SQLite's
     parameter limit."""
-    table = Job.__table__
     return (
-        sqlite.insert(table)
+        sqlite.insert(JOBS)
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(table.c.id, table.c.created_at)
+        .returning(JOBS.c.id, JOBS.c.created_at)
     )
 
 
