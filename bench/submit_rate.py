@@ -3,8 +3,8 @@
 
 Needs PostgreSQL (127.0.0.1:5432, user postgres) and Redis (127.0.0.1:6379, database 12 is
 this script's own and is emptied). Creates a fresh database it drops at the end, starts a moto
-S3 server for the backfill's listing, and `backdrop api` (uvicorn on a loopback socket) as a
-subprocess; no worker: the messages stay queued, are counted, then deleted.
+S3 server (one backfill lists its keys, the other local files) and `backdrop api` (uvicorn on
+a loopback socket) as a subprocess. No worker: messages are counted, then deleted.
 
     .venv/bin/python bench/submit_rate.py [--jobs 10000] [--per-post 1000] [--repeat 3]
 
@@ -12,7 +12,7 @@ Each figure is jobs / wall seconds from the first request to the last answer (AP
 or from the backfill's start until its last chunk is recorded and published (backpressure
 off: max_in_flight above the total). Each run is checked: as many new rows in the database
 and as many messages in Redis as jobs submitted, or the script fails instead of printing.
---repeat runs each measurement that many times and prints every rate (best last).
+--repeat runs each measurement that many times; the line shows the best and every run.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ class Counts:
 
 
 def api_rate(base: str, token: str, count: int, per_post: int, tag: str) -> float:
-    bodies = [requests_for(count, tag)[i : i + per_post] for i in range(0, count, per_post)]
+    requests = requests_for(count, tag)
+    bodies = [requests[i : i + per_post] for i in range(0, count, per_post)]
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
         started = time.perf_counter()
@@ -140,8 +141,10 @@ def client_rate(client: Client, count: int, per_call: int, tag: str) -> float:
     return count / elapsed
 
 
-def backfill_rate(engine: Backfills, source: str, count: int, tag: str, counts: Counts) -> float:
-    record = engine.create(source, f"s3://{BUCKET}/backfill-out/{tag}", {}, count * 10)
+def backfill_rate(
+    engine: Backfills, source: str, output_prefix: str, count: int, counts: Counts
+) -> float:
+    record = engine.create(source, output_prefix, {}, count * 10)
     messages = counts.messages()
     started = time.perf_counter()
     runner = engine.start_in_thread(record["id"])
@@ -158,6 +161,12 @@ def backfill_rate(engine: Backfills, source: str, count: int, tag: str, counts: 
     engine.cancel(record["id"])
     runner.join()
     return count / elapsed
+
+
+def write_files(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i:06d}.png").write_bytes(b"x")
 
 
 def upload_keys(endpoint: str, count: int) -> None:
@@ -262,6 +271,7 @@ def main() -> None:
             "BACKDROP_OUTPUT_PREFIX": f"s3://{BUCKET}/default-out",
             "BACKDROP_DATA_DIR": str(Path(work) / "data"),
             "BACKDROP_API_TOKENS": token,
+            "BACKDROP_LOCAL_ROOTS": work,
         }
         settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
         counts = Counts(url, queues)
@@ -280,13 +290,21 @@ def main() -> None:
         show("Client.submit_many:", rates)
         if args.skip_backfill:
             return
-        upload_keys(endpoint, args.jobs)
         engine = from_settings(settings)
+        photos = Path(work) / "photos"
+        write_files(photos, args.jobs)
         rates = []
         for run in range(args.repeat):
-            with counts.expect(args.jobs, "backfill"):
-                rate = backfill_rate(engine, f"s3://{BUCKET}/many/", args.jobs, f"b{run}", counts)
-            rates.append(rate)
+            with counts.expect(args.jobs, "backfill (files)"):
+                out = (Path(work) / f"backfill-out-{run}").as_uri()
+                rates.append(backfill_rate(engine, photos.as_uri(), out, args.jobs, counts))
+        show(f"backfill over {args.jobs} local files:", rates)
+        upload_keys(endpoint, args.jobs)
+        rates = []
+        for run in range(args.repeat):
+            with counts.expect(args.jobs, "backfill (S3)"):
+                out = f"s3://{BUCKET}/backfill-out/{run}"
+                rates.append(backfill_rate(engine, f"s3://{BUCKET}/many/", out, args.jobs, counts))
         show(f"backfill over {args.jobs} S3 keys (moto):", rates)
     queues.flushdb()
 
