@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from producer import outbox
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
@@ -44,6 +45,13 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "avif": "avif"}
 # Rows or ids per statement: well under the bound-parameter limits of SQLite and PostgreSQL.
 STATEMENT_CHUNK = 2000
 JOBS = Job.metadata.tables["jobs"]
+# The columns a new row gets by default (owns_output, callback_tries, …), for the object of a
+# job just inserted to read as the row does.
+ROW_DEFAULTS = {
+    column.name: column.default.arg
+    for column in JOBS.c
+    if isinstance(column.default, ScalarElementColumnDefault)
+}
 
 
 def now() -> datetime:
@@ -120,13 +128,11 @@ def create(
                 select(Job).where(one_of(session, Job.idempotency_key, wanted_keys))
             )
         }
-    # The columns the database fills in itself, as it fills them.
-    defaults = {"owns_output": False, "owns_mask": False}
     results = []
     for row in rows:
         stored_at = inserted.get(row["id"])
         if stored_at is not None:
-            job = Job(**(row | defaults | {"created_at": stored_at}))
+            job = Job(**(ROW_DEFAULTS | row | {"created_at": stored_at}))
             results.append(Created(job, new=True))
         else:
             results.append(Created(by_key[row["idempotency_key"]], new=False))

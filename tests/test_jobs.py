@@ -374,6 +374,10 @@ def test_a_bulk_body_becomes_one_row_per_job_whose_records_are_what_the_database
         assert session.scalar(text("SELECT count(*) FROM jobs")) == 1200
         stored = jobs.get_many(session, [c.job.id for c in created])
         assert [c.job.to_record() for c in created] == [job.to_record() for job in stored]
+        defaults = ("owns_output", "owns_mask", "callback_tries", "attempts")
+        assert {tuple(getattr(c.job, name) for name in defaults) for c in created} == {
+            tuple(getattr(job, name) for name in defaults) for job in stored
+        }
     assert all(c.new for c in created)
 
 
