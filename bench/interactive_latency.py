@@ -132,10 +132,10 @@ def summary(values: list[float]) -> str:
 
 
 def write_weights(folder: Path) -> Path:
-    from tests.lively import save_lively_mobilenet
+    from tests.support.weights import save_varying_mobilenet
 
     # Lively weights: masks vary with the photo, so refinement does its full work.
-    return save_lively_mobilenet(folder / "mobilenet-random.pth")
+    return save_varying_mobilenet(folder / "mobilenet-random.pth")
 
 
 def main() -> None:

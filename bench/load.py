@@ -4,14 +4,14 @@ Prints the figures: submission rate (jobs/s through POST /v1/jobs), completion r
 (accepted but not final, or succeeded with no output written), jobs doubled (an output written
 more than once, or written for a failed job, or an object written that no job succeeded
 for), and whether database and storage agree. Writes are counted at the S3 endpoint: the
-worker reaches storage through the counting proxy (tests/faulty_s3.py), which records every
+worker reaches storage through the counting proxy (tests/support/faulty_s3.py), which records every
 PUT the store acknowledged, per key, so a second PUT to the same key is seen.
 
     .venv/bin/python bench/load.py [--jobs 5000]
 
-Self-contained: starts a moto S3 server, dedicated PostgreSQL and Redis servers (tests/stack.py)
-and one worker with a random-init DeepLabV3-MobileNetV3 at a 64-pixel model input, reaching
-storage through the counting proxy.
+Self-contained: starts a moto S3 server, dedicated PostgreSQL and Redis servers
+(tests/support/stack.py) and one worker with a random-init DeepLabV3-MobileNetV3 at a
+64-pixel model input, reaching storage through the counting proxy.
 tests/test_load.py runs the same code with fewer jobs.
 """
 
@@ -85,7 +85,7 @@ def tiny_photo(seed: int = 0) -> bytes:
 
 
 def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
-    """Submit `count` jobs through the API of `stack` (tests.stack.Stack) and wait for all."""
+    """Submit `count` jobs through the API of `stack` (a support Stack); wait for all."""
     from fastapi.testclient import TestClient
 
     from producer.api import create_app
@@ -158,8 +158,8 @@ def main() -> None:
     import tempfile
 
     from tests.conftest import S3_TEST_CREDENTIALS, free_port, poll_until
-    from tests.lively import save_lively_mobilenet
-    from tests.stack import build_stack
+    from tests.support.stack import build_stack
+    from tests.support.weights import save_varying_mobilenet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000)
@@ -171,7 +171,7 @@ def main() -> None:
     os.environ.update(S3_TEST_CREDENTIALS)
     folder = Path(tempfile.mkdtemp(prefix="backdrop-load-"))
     # Lively weights: masks vary with the photo, so refinement does its full work.
-    weights = save_lively_mobilenet(folder / "mobilenet-random.pth")
+    weights = save_varying_mobilenet(folder / "mobilenet-random.pth")
     port = free_port()
     moto = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -82,7 +82,7 @@ from producer.client import Client
 from producer.db import upgrade
 from producer.settings import Settings
 from producer.storage import Storage
-from tests.lively import calibrate_on_noise
+from tests.support.weights import calibrate_on_noise
 from worker.segmenter import Segmenter
 from worker.weights import MODELS, NUM_CLASSES, load_model
 

@@ -13,7 +13,7 @@ import pytest
 
 if TYPE_CHECKING:
     from producer.settings import Settings
-    from tests.receiver import Receiver
+    from tests.support.receiver import Receiver
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SKIMAGE_DATA = Path(__import__("skimage").data.__file__).parent
@@ -205,13 +205,13 @@ def __getattr__(name: str) -> str:
 @pytest.fixture(scope="session")
 def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init DeepLabV3-MobileNetV3 state dict, shaped like the published file, whose
-    masks vary with the photo and the classes (see tests/lively.py): with plain random init
+    masks vary with the photo and the classes (see tests/support/weights.py): with plain random init
     every mask is one constant, and no test through a worker could see refinement or class
     selection fail."""
-    from tests.lively import save_lively_mobilenet
+    from tests.support.weights import save_varying_mobilenet
 
     folder = tmp_path_factory.mktemp("weights")
-    return save_lively_mobilenet(folder / "deeplabv3_mobilenet_v3_large-random.pth")
+    return save_varying_mobilenet(folder / "deeplabv3_mobilenet_v3_large-random.pth")
 
 
 # --- S3: moto's server as a real HTTP endpoint on loopback ------------------------------
@@ -343,8 +343,8 @@ CALLBACK_SECRET = "test-callback-secret"
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    """A real HTTP server on 127.0.0.1 that records the callbacks it gets (tests/receiver.py)."""
-    from tests.receiver import Receiver
+    """A real HTTP server on 127.0.0.1 recording the callbacks it gets (support/receiver.py)."""
+    from tests.support.receiver import Receiver
 
     server = Receiver().start()
     yield server

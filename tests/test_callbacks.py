@@ -17,7 +17,7 @@ from producer.errors import InvalidRequest
 from producer.request import parse_request
 from producer.settings import Settings
 from tests.conftest import CALLBACK_SECRET
-from tests.receiver import Receiver
+from tests.support.receiver import Receiver
 
 RECORD = {"id": "2b0d3a52-4c8e-4d0c-9a57-0f1e4c1d2e3f", "status": "succeeded"}
 

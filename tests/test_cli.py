@@ -25,7 +25,7 @@ from producer.cli import cli
 from producer.db import upgrade
 from producer.settings import Settings
 from tests.conftest import free_port
-from tests.services import WorkerProcess
+from tests.support.services import WorkerProcess
 
 BACKDROP = Path(sys.executable).with_name("backdrop")
 MOBILENET = "deeplabv3_mobilenet_v3_large"

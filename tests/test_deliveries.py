@@ -20,7 +20,7 @@ from producer.models import Job
 from producer.request import JobRequest
 from producer.settings import Settings
 from tests.conftest import CALLBACK_SECRET, poll_until, redis_url_for_tests, run_to_end
-from tests.receiver import Receiver
+from tests.support.receiver import Receiver
 from worker.deliveries import Deliveries
 
 PREFIX = "s3://out/results"
@@ -285,7 +285,7 @@ def worker_settings(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch)
 
 
 def _start_worker(env: dict[str, str], folder: Path):  # type: ignore[no-untyped-def]
-    from tests.services import WorkerProcess
+    from tests.support.services import WorkerProcess
 
     worker = WorkerProcess(env, folder / f"worker-{uuid.uuid4().hex[:6]}.log", concurrency=2)
     worker.start().wait_ready()
@@ -303,7 +303,7 @@ def test_a_real_worker_finishes_a_job_and_the_receiver_gets_the_signed_record(
     from producer import broker
     from producer.client import Client
     from producer.storage import Storage
-    from tests.stack import small_photo
+    from tests.support.stack import small_photo
 
     worker = _start_worker(worker_env, tmp_path)
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.stack import Stack, build_stack
+from tests.support.stack import Stack, build_stack
 from worker.imageio import ACCEPTED_FORMATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

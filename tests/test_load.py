@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import FAIL_EVERY, LOAD_ENV, run_load
-from tests.stack import Stack, build_stack
+from tests.support.stack import Stack, build_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -29,8 +29,8 @@ from producer.request import JobRequest
 from producer.settings import Settings
 from producer.storage import Storage
 from tests.conftest import poll_until, redis_url_for_tests
-from tests.services import WorkerProcess
-from tests.stack import Stack, build_stack, small_photo
+from tests.support.services import WorkerProcess
+from tests.support.stack import Stack, build_stack, small_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ with its append-only file fsynced every second, PostgreSQL with fsync on), stopp
 crashed with SIGKILL by their process ids; S3 errors are real 503s over HTTP from the
 fault-injecting proxy, which every request of the workers goes through; workers are `backdrop
 worker` processes killed with SIGKILL while a job downloads, while its batch is inside the
-model (tests.model_gate) and while it uploads. Every promise is checked from the database
+model (tests.support.model_gate) and while it uploads. Every promise is checked from the database
 (job records) and storage (the PUTs the store acknowledged, per output).
 """
 
@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from tests.conftest import poll_until
-from tests.services import WorkerProcess
-from tests.stack import LEASE_S, MAX_ATTEMPTS, Stack, build_stack, small_photo
+from tests.support.services import WorkerProcess
+from tests.support.stack import LEASE_S, MAX_ATTEMPTS, Stack, build_stack, small_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 
 from producer.settings import Settings
 from tests.conftest import free_port, poll_until, redis_url_for_tests
-from tests.services import WorkerProcess
+from tests.support.services import WorkerProcess
 from worker.runner import serve_metrics
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp

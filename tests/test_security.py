@@ -33,8 +33,8 @@ from producer.models import Job
 from producer.request import JobRequest
 from producer.settings import Settings
 from producer.storage import Storage
-from tests.services import WorkerProcess
-from tests.stack import Stack, build_stack, small_photo
+from tests.support.services import WorkerProcess
+from tests.support.stack import Stack, build_stack, small_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

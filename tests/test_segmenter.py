@@ -15,7 +15,7 @@ from torchvision.models.segmentation import (
 from torchvision.transforms.functional import normalize
 
 from producer.request import VOC_CLASSES
-from tests.lively import calibrate_on_noise
+from tests.support.weights import calibrate_on_noise
 from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, fold_batchnorm
 
 SIDE = 128
@@ -24,8 +24,8 @@ CAR = VOC_CLASSES.index("car")
 ALL_CLASSES = list(range(1, len(VOC_CLASSES)))
 
 
-def lively(builder=deeplabv3_mobilenet_v3_large) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    """A random-init model whose output varies with the image (see tests/lively.py)."""
+def varying_model(builder=deeplabv3_mobilenet_v3_large) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    """A random-init model whose output varies with the image (see tests/support/weights.py)."""
     torch.manual_seed(0)
     model = calibrate_on_noise(builder(weights=None, weights_backbone=None), SIDE)
     with torch.no_grad():
@@ -35,7 +35,7 @@ def lively(builder=deeplabv3_mobilenet_v3_large) -> torch.nn.Module:  # type: ig
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return lively()
+    return varying_model()
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_other_aspect_ratios_run_as_one_forward_pass_each_and_keep_their_order(
     "builder", [deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101]
 )
 def test_folding_batchnorm_into_convolutions_keeps_every_models_output(builder) -> None:  # type: ignore[no-untyped-def]
-    model = lively(builder)
+    model = varying_model(builder)
     image = torch.randn(1, 3, 72, 96)
     with torch.no_grad():
         before = model(image)["out"]
@@ -241,8 +241,10 @@ def test_half_precision_as_on_a_gpu_gives_the_same_maps_to_within_fp16_rounding(
     # The CUDA path's fp16 model and input handling, run on the CPU.
     images = [photo(96, 128, seed=11), photo(128, 80, seed=12)]
     classes = [ALL_CLASSES, ALL_CLASSES]
-    full = Segmenter(lively(), name="m", weights_id="w", device="cpu", input_size=SIDE)
-    half = Segmenter(lively(), name="m", weights_id="w", device="cpu", input_size=SIDE, half=True)
+    full = Segmenter(varying_model(), name="m", weights_id="w", device="cpu", input_size=SIDE)
+    half = Segmenter(
+        varying_model(), name="m", weights_id="w", device="cpu", input_size=SIDE, half=True
+    )
     assert half._model.classifier[-1].weight.dtype == torch.float16
     for exact, rounded in zip(
         full.predict(images, classes), half.predict(images, classes), strict=True

@@ -233,7 +233,7 @@ class PostgresServer:
 class WorkerProcess:
     """A real `backdrop worker` subprocess; its Celery process id is also its job owner id.
 
-    `module`: what runs `backdrop worker` (tests.model_gate runs it with a gate in front of
+    `module`: what runs `backdrop worker` (tests.support.model_gate runs it with a gate in front of
     the model)."""
 
     def __init__(

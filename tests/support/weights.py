@@ -24,7 +24,7 @@ def calibrate_on_noise(model: torch.nn.Module, side: int = 128) -> torch.nn.Modu
     return model.eval()
 
 
-def save_lively_mobilenet(path: Path) -> Path:
+def save_varying_mobilenet(path: Path) -> Path:
     """A DeepLabV3-MobileNetV3 state dict, shaped like the published file, whose masks vary
     with the photo and the classes: what every real worker in tests and benchmarks runs."""
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large

@@ -26,9 +26,9 @@ from producer.models import Job, JobStatus
 from producer.settings import Settings
 from producer.storage import Storage
 from tests.conftest import S3_TEST_CREDENTIALS, poll_until
-from tests.faulty_s3 import FaultyS3
-from tests.model_gate import GATE_ENV, ModelGate
-from tests.services import PostgresServer, RedisServer, WorkerProcess
+from tests.support.faulty_s3 import FaultyS3
+from tests.support.model_gate import GATE_ENV, ModelGate
+from tests.support.services import PostgresServer, RedisServer, WorkerProcess
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -56,14 +56,14 @@ class Stack:
     bucket: str
     redis: RedisServer
     postgres: PostgresServer
-    # When set, workers run with a gate inside the model (tests.model_gate), open by default.
+    # When set, workers run with a gate inside the model (support.model_gate), open by default.
     gate: ModelGate | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
 
     # --- workers -------------------------------------------------------------------------
 
     def start_workers(self, count: int, *, concurrency: int = 4, **env: str) -> list[WorkerProcess]:
-        module = "tests.model_gate" if self.gate else "producer.cli"
+        module = "tests.support.model_gate" if self.gate else "producer.cli"
         started = []
         for _ in range(count):
             log_path = self.folder / f"worker-{uuid.uuid4().hex[:6]}.log"

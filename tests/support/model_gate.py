@@ -1,7 +1,7 @@
 """`backdrop worker` with a gate inside the model, so a test can kill a worker while a batch
 is in the middle of DeepLabV3's forward pass.
 
-    python -m tests.model_gate worker --concurrency 4    (MODEL_GATE_DIR=/some/folder)
+    python -m tests.support.model_gate worker --concurrency 4    (MODEL_GATE_DIR=/some/folder)
 
 The worker is the real one, unchanged; a global forward pre-hook waits while the gate is
 closed, at the start of the DeepLabV3 backbone's forward pass (or of the whole model's, if
