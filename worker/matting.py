@@ -42,9 +42,15 @@ class Backend(Protocol):
 class NumpyBackend:
     def box_sum(self, x: Array, radius: int) -> Array:
         size = (2 * radius + 1, 2 * radius + 1)
-        if x.ndim == 3:
-            return np.stack([self.box_sum(channel, radius) for channel in x])
-        return cv2.boxFilter(x, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
+        if x.ndim == 2:
+            return cv2.boxFilter(x, -1, size, normalize=False, borderType=cv2.BORDER_CONSTANT)
+        # Each channel filtered straight into its plane of the result: no stacking copy.
+        out = np.empty(x.shape, x.dtype)
+        for channel, plane in zip(x, out, strict=True):
+            cv2.boxFilter(
+                channel, -1, size, dst=plane, normalize=False, borderType=cv2.BORDER_CONSTANT
+            )
+        return out
 
     def ones_like(self, x: Array) -> Array:
         return np.ones_like(x)
