@@ -677,7 +677,7 @@ def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[st
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 512),
-    help="job threads [default: 2 × max batch]",
+    help="job threads [default: max batch + 2 per core (worker/threadplan.py)]",
 )
 @device_option
 @click.option(
