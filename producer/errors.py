@@ -72,6 +72,14 @@ class InvalidTransition(PermanentError):
     code = "invalid_transition"
 
 
+class BackfillNotFound(PermanentError):
+    code = "backfill_not_found"
+
+
+class BackfillUnreachable(PermanentError):
+    code = "backfill_failed"
+
+
 class WeightsUnavailable(PermanentError):
     """No model weights could be found or downloaded: an operator must act."""
 
