@@ -72,6 +72,26 @@ class InvalidTransition(PermanentError):
     code = "invalid_transition"
 
 
+class OutputNotReady(PermanentError):
+    """A job's output (or mask) was asked for before the job succeeded, or it saved none."""
+
+    code = "output_not_ready"
+
+
+class BatchTooLarge(InvalidRequest):
+    code = "batch_too_large"
+
+
+class Unauthorized(BackdropError):
+    code = "unauthorized"
+
+
+class ApiMisconfigured(BackdropError):
+    """The API's settings would serve it unsafely (no tokens, a weak one): it refuses to start."""
+
+    code = "api_misconfigured"
+
+
 class BackfillNotFound(PermanentError):
     code = "backfill_not_found"
 
