@@ -39,10 +39,11 @@ from sqlalchemy import create_engine, select, text, update
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer import jobs
-from producer.backfill import Backfills, from_settings
+from producer.backfill import BackfillRunner
 from producer.client import Client
 from producer.db import session_scope, upgrade
 from producer.models import Backfill, Job
+from producer.services import Services
 from producer.settings import Settings
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -83,7 +84,7 @@ def submitted(settings: Settings, backfill_id: str) -> int:
         return session.scalar(select(Backfill.submitted).where(Backfill.id == backfill_id)) or 0
 
 
-def submission_rate(engine: Backfills, source: str, out: str, total: int, limit: int) -> float:
+def submission_rate(engine: BackfillRunner, source: str, out: str, total: int, limit: int) -> float:
     created = engine.create(source, out, {}, limit)
     started = time.perf_counter()
     runner = engine.start_in_thread(created["id"])
@@ -180,7 +181,7 @@ def main() -> None:
             "BACKDROP_DEVICE": "cpu",
         }
         settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
-        engine = from_settings(settings)
+        engine = BackfillRunner(Services(settings))
 
         print(f"uploading {args.objects} keys and {args.photos} photos …", flush=True)
         tiny = png(0, 8)

@@ -37,10 +37,11 @@ from sqlalchemy import create_engine, func, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.backfill import Backfills, from_settings
+from producer.backfill import BackfillRunner
 from producer.client import Client
 from producer.db import get_engine, session_scope, upgrade
 from producer.models import Backfill, Job
+from producer.services import Services
 from producer.settings import Settings
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -142,7 +143,7 @@ def client_rate(client: Client, count: int, per_call: int, tag: str) -> float:
 
 
 def backfill_rate(
-    engine: Backfills, source: str, output_prefix: str, count: int, counts: Counts
+    engine: BackfillRunner, source: str, output_prefix: str, count: int, counts: Counts
 ) -> float:
     record = engine.create(source, output_prefix, {}, count * 10)
     messages = counts.messages()
@@ -290,7 +291,7 @@ def main() -> None:
         show("Client.submit_many:", rates)
         if args.skip_backfill:
             return
-        engine = from_settings(settings)
+        engine = BackfillRunner(Services(settings))
         photos = Path(work) / "photos"
         write_files(photos, args.jobs)
         rates = []

@@ -588,10 +588,11 @@ def backfill(
     """Process every photo under SOURCE (s3://bucket/prefix/, file:///folder/, a local folder)
     or in a manifest CSV (bucket,key lines) through the bulk queue. Exits non-zero when any
     photo failed; the failures are listed in the report CSV."""
-    from producer.backfill import from_settings
+    from producer.backfill import BackfillRunner
     from producer.progress import ProgressLine
+    from producer.services import default_services
 
-    engine = from_settings(get_settings())
+    engine = BackfillRunner(default_services())
     if pause_id or cancel_id:
         record = engine.pause(pause_id) if pause_id else engine.cancel(cancel_id or "")
         click.echo(f"{record['id']} {record['status']}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -36,6 +36,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from producer import outbox
+from producer.db import rowcount
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
 from producer.locations import canonical_prefix
 from producer.models import Job, JobStatus
@@ -53,6 +54,8 @@ ROW_DEFAULTS = {
     if isinstance(column.default, ScalarElementColumnDefault)
 }
 
+T = TypeVar("T")
+
 
 def now() -> datetime:
     return datetime.now(UTC)
@@ -66,6 +69,12 @@ def one_of(
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(values)
+
+
+def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`values` in slices of STATEMENT_CHUNK, one statement's worth each."""
+    for start in range(0, len(values), STATEMENT_CHUNK):
+        yield values[start : start + STATEMENT_CHUNK]
 
 
 def default_output(output_prefix: str, job_id: str, fmt: str) -> str:
@@ -201,8 +210,7 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
     are canonical (the request model made them so): an alias is the same location."""
     keys = [row["idempotency_key"] for row in rows if row["idempotency_key"] is not None]
     known: set[str] = set()
-    for start_at in range(0, len(keys), STATEMENT_CHUNK):
-        chunk = keys[start_at : start_at + STATEMENT_CHUNK]
+    for chunk in _chunks(keys):
         known.update(
             session.scalars(
                 select(Job.idempotency_key).where(one_of(session, Job.idempotency_key, chunk))
@@ -215,8 +223,7 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
         if location in seen:
             raise InvalidRequest(f"output {location} is named twice in this request")
         seen.add(location)
-    for start_at in range(0, len(written), STATEMENT_CHUNK):
-        chunk = written[start_at : start_at + STATEMENT_CHUNK]
+    for chunk in _chunks(written):
         taken = session.scalars(
             select(Job.output)
             .where(one_of(session, Job.output, chunk))
@@ -256,21 +263,20 @@ def own_outputs(session: Session, job_id: str, attempt: int) -> bool:
         .values(owns_output=True, owns_mask=Job.mask_output.is_not(None))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def withdraw(session: Session, job_ids: Sequence[str]) -> int:
     """Delete jobs that were created but could not be queued, unless a worker already
     started them (then they run to the end). Returns how many were deleted."""
     deleted = 0
-    for start_at in range(0, len(job_ids), STATEMENT_CHUNK):
-        chunk = list(job_ids[start_at : start_at + STATEMENT_CHUNK])
+    for chunk in _chunks(job_ids):
         result = session.execute(
             delete(Job)
             .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value, Job.attempts == 0)
             .execution_options(synchronize_session=False)
         )
-        deleted += result.rowcount
+        deleted += rowcount(result)
     return deleted
 
 
@@ -284,8 +290,7 @@ def get(session: Session, job_id: str) -> Job:
 def get_many(session: Session, job_ids: Sequence[str]) -> list[Job]:
     """The jobs in the order asked, a few queries for any number of them."""
     found: dict[str, Job] = {}
-    for start in range(0, len(job_ids), STATEMENT_CHUNK):
-        chunk = job_ids[start : start + STATEMENT_CHUNK]
+    for chunk in _chunks(job_ids):
         found.update((job.id, job) for job in session.scalars(select(Job).where(Job.id.in_(chunk))))
     missing = [job_id for job_id in job_ids if job_id not in found]
     if missing:
@@ -319,7 +324,7 @@ def _guarded(session: Session, job_id: str, allowed: Sequence[JobStatus], **valu
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def start(session: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
@@ -343,7 +348,7 @@ def start(session: Session, job_id: str, worker: str, lease_s: float) -> Job | N
         )
         .execution_options(synchronize_session=False)
     )
-    if started.rowcount != 1:
+    if rowcount(started) != 1:
         return None
     session.expire_all()
     return session.get(Job, job_id)
@@ -362,7 +367,7 @@ def renew(session: Session, owned: Sequence[tuple[str, int]], lease_s: float) ->
             .values(lease_expires_at=expires)
             .execution_options(synchronize_session=False)
         )
-        renewed += result.rowcount
+        renewed += rowcount(result)
     return renewed
 
 
@@ -382,7 +387,7 @@ def release(
         )
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 @dataclass(frozen=True)
@@ -460,43 +465,26 @@ def succeed(
         )
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
-def fail(
-    session: Session,
-    job_id: str,
-    attempt: int | None,
-    code: str,
-    message: str,
-    *,
-    timings_ms: dict[str, float] | None = None,
-    input_size: tuple[int, int] | None = None,
-) -> bool:
-    """running → failed (for the owning attempt), or queued → failed when `attempt` is None
-    (a job refused before any attempt could start, e.g. it kept killing workers)."""
-    guard = (
-        _owned(job_id, attempt)
-        if attempt is not None
-        else (Job.id == job_id) & Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
-    )
+def fail(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
+    """running → failed, only for the attempt that owns the job."""
     moment = now()
-    values: dict[str, Any] = {
-        "status": JobStatus.FAILED.value,
-        "finished_at": moment,
-        "lease_expires_at": None,
-        "error_code": code,
-        "error_message": message[:2000],
-        **outbox.on_end(moment),
-    }
-    if timings_ms is not None:
-        values["timings_ms"] = timings_ms
-    if input_size is not None:
-        values["input_width"], values["input_height"] = input_size
     result = session.execute(
-        update(Job).where(guard).values(**values).execution_options(synchronize_session=False)
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=moment,
+            lease_expires_at=None,
+            error_code=code,
+            error_message=message[:2000],
+            **outbox.on_end(moment),
+        )
+        .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def cancel(session: Session, job_id: str) -> Job:
@@ -514,6 +502,18 @@ def cancel(session: Session, job_id: str) -> Job:
         raise InvalidTransition(f"job {job_id} is {job.status}; only queued jobs can be canceled")
     session.expire_all()
     return get(session, job_id)
+
+
+def cancel_queued(session: Session, backfill_id: str) -> int:
+    """queued → canceled for every still-queued job of a backfill; returns how many."""
+    moment = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.backfill_id == backfill_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELED.value, finished_at=moment, **outbox.on_end(moment))
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
 
 
 def retry(session: Session, job_id: str, *, overwrite: bool = False) -> Job:

@@ -113,9 +113,9 @@ class Job(Base):
                 if self.error_code
                 else None
             ),
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
             "worker": self.worker,
             "timings_ms": self.timings_ms,
             "input_size": (
@@ -145,12 +145,12 @@ class CallbackAttempt(Base):
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "at": _iso(self.at),
+            "at": iso(self.at),
             "status_code": self.status_code,
             "error": self.error,
             "duration_ms": self.duration_ms,
             "worker": self.worker,
-            "next_at": _iso(self.next_at),
+            "next_at": iso(self.next_at),
         }
 
 
@@ -160,6 +160,12 @@ class BackfillStatus(StrEnum):
     CANCELED = "canceled"
     COMPLETED = "completed"
     FAILED = "failed"
+
+    @property
+    def resumable(self) -> bool:
+        """A run (`--resume`, POST …/resume) continues it: paused, failed, or running (its
+        engine may have been killed)."""
+        return self in (BackfillStatus.RUNNING, BackfillStatus.PAUSED, BackfillStatus.FAILED)
 
 
 class Backfill(Base):
@@ -210,14 +216,22 @@ class Backfill(Base):
             "listing_done": self.listing_done,
             "report": self.report,
             "error": self.error,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
-            "finished_at": _iso(self.finished_at),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "finished_at": iso(self.finished_at),
         }
 
 
-def _iso(moment: datetime | None) -> str | None:
+def utc(moment: datetime) -> datetime:
+    """A stored moment as an aware UTC datetime: everything is stored in UTC, and SQLite
+    hands back naive datetimes."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def iso(moment: datetime | str | None) -> str | None:
+    """A stored moment for a record (ISO 8601, UTC); None stays None."""
     if moment is None:
         return None
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+    if isinstance(moment, str):  # SQLite may hand back an aggregate's datetime as text
+        moment = datetime.fromisoformat(moment)
+    return utc(moment).isoformat()

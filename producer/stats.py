@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from producer.broker import QUEUE_NAMES
 from producer.db import session_scope
-from producer.models import Job, JobStatus
+from producer.models import Job, JobStatus, iso, utc
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,6 @@ def _zeros() -> dict[str, int]:
     return {status.value: 0 for status in JobStatus}
 
 
-def counts_by_status(session: Session) -> dict[str, int]:
-    """Jobs per status, every status present (zero when none)."""
-    return _sum_queues(counts_by_queue(session))
-
-
 def counts_by_queue(session: Session) -> dict[str, dict[str, int]]:
     """Jobs per queue × status; both known queues present even when empty."""
     counts: dict[str, dict[str, int]] = {queue: _zeros() for queue in QUEUE_NAMES}
@@ -125,7 +120,8 @@ def latency(session: Session, now: datetime) -> dict[str, Any]:
     end_to_end: list[float] = []
     stages: dict[str, list[float]] = defaultdict(list)
     for created_at, finished_at, timings in session.execute(query):
-        end_to_end.append((_utc(finished_at) - _utc(created_at)).total_seconds() * 1000)
+        assert finished_at is not None  # the WHERE compares it with a moment
+        end_to_end.append((utc(finished_at) - utc(created_at)).total_seconds() * 1000)
         for stage, ms in (timings or {}).items():
             if isinstance(ms, int | float):
                 stages[stage].append(float(ms))
@@ -135,11 +131,6 @@ def latency(session: Session, now: datetime) -> dict[str, Any]:
         "end_to_end": _percentiles(end_to_end),
         "stages": {stage: _percentiles(values) for stage, values in sorted(stages.items())},
     }
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -184,17 +175,9 @@ def workers_seen(session: Session, now: datetime) -> list[dict[str, Any]]:
         .order_by(Job.worker)
     )
     return [
-        {"name": name, "last_seen": _iso(seen), "recent_jobs": count}
+        {"name": name, "last_seen": iso(seen), "recent_jobs": count}
         for name, seen, count in session.execute(query)
     ]
-
-
-def _iso(moment: datetime | str | None) -> str | None:
-    if moment is None:
-        return None
-    if isinstance(moment, str):  # SQLite may hand back an aggregate's datetime as text
-        moment = datetime.fromisoformat(moment)
-    return _utc(moment).isoformat()
 
 
 def queue_depths(settings: Settings, notes: list[str]) -> dict[str, int] | None:
@@ -487,6 +470,7 @@ def histogram_percentile(bins: dict[int, int], q: float) -> float | None:
             if index == 0:
                 return round(high * share, 1)
             low = LATENCY_EDGES_MS[index - 1]
-            return round(low * (high / low) ** share, 1)
+            growth: float = (high / low) ** share  # float ** float is typed Any
+            return round(low * growth, 1)
         seen += bins[index]
     return None

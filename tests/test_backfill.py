@@ -29,10 +29,12 @@ from sqlalchemy import func, select, text
 
 from producer import jobs
 from producer.api import create_app
-from producer.backfill import Backfills, BackfillUnreachable, Chunk, from_settings, read_ahead
+from producer.backfill import BackfillRunner
+from producer.backfill.source import Chunk, read_ahead
 from producer.db import get_engine, session_scope
-from producer.errors import InputNotFound
+from producer.errors import BackfillUnreachable, InputNotFound
 from producer.models import Backfill, Job
+from producer.services import Services
 from producer.settings import Settings
 from tests.conftest import S3_TEST_CREDENTIALS, poll_until, redis_url_for_tests
 
@@ -101,8 +103,8 @@ def settings(env: dict[str, str]) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def engine(settings: Settings) -> Backfills:
-    return from_settings(settings)
+def engine(settings: Settings) -> BackfillRunner:
+    return BackfillRunner(Services(settings))
 
 
 @pytest.fixture
@@ -192,7 +194,7 @@ def published_ids(broker_url: str) -> set[str]:
     return {json.loads(message)["headers"]["id"] for message in messages}
 
 
-def run_backfill(engine: Backfills, source: str, out: str, **options: Any) -> dict[str, Any]:
+def run_backfill(engine: BackfillRunner, source: str, out: str, **options: Any) -> dict[str, Any]:
     max_in_flight = options.pop("max_in_flight", None)
     created = engine.create(source, out, options, max_in_flight)
     return engine.run(created["id"])
@@ -202,7 +204,7 @@ def run_backfill(engine: Backfills, source: str, out: str, **options: Any) -> di
 
 
 def test_a_dry_run_counts_every_photo_and_writes_nothing(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
 ) -> None:
     counts = engine.dry_run(f"s3://{photo_bucket}/photos/", out, {"effect": "blur"})
     assert counts == {"listed": PHOTOS, "would_skip": 0, "would_submit": PHOTOS}
@@ -211,7 +213,7 @@ def test_a_dry_run_counts_every_photo_and_writes_nothing(
 
 
 def test_a_backfill_submits_every_photo_once_into_bulk_within_max_in_flight(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str, broker_url: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str, broker_url: str
 ) -> None:
     with FakeWorker(settings, out) as worker:
         record = run_backfill(engine, f"s3://{photo_bucket}/photos/", out, max_in_flight=40)
@@ -237,7 +239,7 @@ def test_a_backfill_submits_every_photo_once_into_bulk_within_max_in_flight(
 
 
 def test_re_running_a_finished_backfill_does_nothing_and_a_changed_parameter_reprocesses(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
 ) -> None:
     source = f"s3://{photo_bucket}/photos/"
     with FakeWorker(settings, out):
@@ -255,7 +257,7 @@ def test_re_running_a_finished_backfill_does_nothing_and_a_changed_parameter_rep
 
 
 def test_a_backfill_killed_mid_way_resumes_without_skipping_or_doubling_a_photo(
-    engine: Backfills, settings: Settings, env: dict[str, str], photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, env: dict[str, str], photo_bucket: str, out: str
 ) -> None:
     source = f"s3://{photo_bucket}/photos/"
     command = [sys.executable, "-m", "producer.cli", "backfill", source, "--output-prefix", out]
@@ -305,7 +307,7 @@ def _submitted(settings: Settings, source: str, out: str) -> int:
 
 
 def test_a_paused_backfill_stops_submitting_and_a_canceled_one_cancels_its_queued_jobs(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
 ) -> None:
     created = engine.create(f"s3://{photo_bucket}/photos/", out, {}, 20)
     runner = engine.start_in_thread(created["id"])
@@ -335,7 +337,7 @@ def test_a_paused_backfill_stops_submitting_and_a_canceled_one_cancels_its_queue
 
 
 def test_a_manifest_backfill_reports_its_failures_with_codes_as_csv_in_storage(
-    engine: Backfills, settings: Settings, s3_server: str, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, s3_server: str, photo_bucket: str, out: str
 ) -> None:
     upload_many(s3_server, photo_bucket, {"odd/with space.png": tiny_png(7)})
     lines = [f"{photo_bucket},photos/{i:04d}.png" for i in range(20)]
@@ -371,7 +373,7 @@ def test_the_api_starts_a_backfill_shows_its_counters_and_refuses_bad_requests(
     settings = settings.model_copy(update={"api_tokens": [TOKEN]})
     source = f"s3://{photo_bucket}/photos/00"  # 0000 … 0099
     body = {"source": source, "output_prefix": out, "effect": "desaturate"}
-    with TestClient(create_app(settings)) as http, FakeWorker(settings, out):
+    with TestClient(create_app(Services(settings))) as http, FakeWorker(settings, out):
         assert http.post("/v1/backfills", json=body).status_code == 401
         dry = http.post("/v1/backfills", json=body | {"dry_run": True}, headers=AUTH)
         assert dry.status_code == 200 and dry.json()["counts"]["would_submit"] == 100
@@ -409,7 +411,7 @@ def test_the_api_starts_a_backfill_shows_its_counters_and_refuses_bad_requests(
 
 
 def test_a_real_worker_processes_a_small_backfill_end_to_end(
-    engine: Backfills,
+    engine: BackfillRunner,
     settings: Settings,
     env: dict[str, str],
     s3_server: str,
@@ -445,8 +447,8 @@ def test_a_real_worker_processes_a_small_backfill_end_to_end(
             timeout=120,
             what="the worker to start",
         )
-        engine = from_settings(
-            settings.model_copy(update={"model": "deeplabv3_mobilenet_v3_large"})
+        engine = BackfillRunner(
+            Services(settings.model_copy(update={"model": "deeplabv3_mobilenet_v3_large"}))
         )
         record = run_backfill(engine, f"s3://{photo_bucket}/{prefix}", out, effect="desaturate")
     finally:
@@ -461,7 +463,7 @@ def test_a_real_worker_processes_a_small_backfill_end_to_end(
 
 
 def test_photos_whose_names_differ_only_in_extension_get_distinct_outputs(
-    engine: Backfills, settings: Settings, s3_server: str, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, s3_server: str, photo_bucket: str, out: str
 ) -> None:
     prefix = f"same-stem-{uuid.uuid4().hex[:6]}/"
     names = ["cat.jpg", "cat.png", "dog.PNG"]
@@ -486,7 +488,7 @@ def test_photos_whose_names_differ_only_in_extension_get_distinct_outputs(
 
 
 def test_a_later_photo_never_takes_over_the_output_of_another_photo(
-    engine: Backfills, settings: Settings, s3_server: str, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, s3_server: str, photo_bucket: str, out: str
 ) -> None:
     # `cat` (no extension) and `cat.png` both map to cat.png: in one listing they meet in one
     # chunk; here they come from two runs (as from two chunks), the first already final.
@@ -505,7 +507,7 @@ def test_a_later_photo_never_takes_over_the_output_of_another_photo(
 
 
 def test_a_backfill_whose_first_jobs_all_fail_access_denied_stops_and_cancels_the_rest(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
 ) -> None:
     created = engine.create(f"s3://{photo_bucket}/photos/", out, {}, 40)
 
@@ -522,7 +524,7 @@ def test_a_backfill_whose_first_jobs_all_fail_access_denied_stops_and_cancels_th
 
 
 def test_a_re_run_skips_photos_that_failed_for_their_own_sake_and_retries_the_rest(
-    engine: Backfills, settings: Settings, photo_bucket: str, out: str
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
 ) -> None:
     source = f"s3://{photo_bucket}/photos/000"  # 0000 … 0009
     codes = {"0005.png": "invalid_image", "0006.png": "storage_unavailable"}

@@ -31,6 +31,7 @@ from producer.db import get_engine, session_scope, upgrade
 from producer.errors import AccessDenied, InvalidRequest
 from producer.models import Job
 from producer.request import JobRequest
+from producer.services import Services
 from producer.settings import Settings
 from producer.storage import Storage
 from tests.support.services import WorkerProcess
@@ -581,7 +582,7 @@ def test_a_listed_key_with_control_characters_fails_alone_and_forges_no_log_line
 ) -> None:
     import boto3
 
-    from producer.backfill import Backfills
+    from producer.backfill import BackfillRunner
 
     prefix = f"security/listed-{uuid.uuid4().hex[:6]}"
     data = stack.storage.read(photo)
@@ -591,7 +592,9 @@ def test_a_listed_key_with_control_characters_fails_alone_and_forges_no_log_line
     boto3.session.Session().client("s3", endpoint_url=s3_server).put_object(
         Bucket=stack.bucket, Key=f"{prefix}/bad\r{FORGED}\x1b[2J.png", Body=data
     )
-    engine = Backfills(stack.settings, stack.storage, stack.client.celery)
+    engine = BackfillRunner(
+        Services(stack.settings, storage=stack.storage, celery=stack.client.celery)
+    )
     created = engine.create(
         f"s3://{stack.bucket}/{prefix}/", f"s3://{stack.bucket}/{prefix}-out", {"effect": "remove"}
     )
@@ -607,13 +610,15 @@ def test_a_listed_key_with_control_characters_fails_alone_and_forges_no_log_line
 
 
 def test_a_backfill_owns_its_outputs_under_their_canonical_names(embedded: Embedded) -> None:
-    from producer.backfill import Backfills
+    from producer.backfill import BackfillRunner
 
     name = f"bf-{uuid.uuid4().hex[:6]}"
     source = embedded.data / "inputs" / name
     source.mkdir(parents=True)
     (source / "photo.png").write_bytes(embedded.client.storage.read(embedded.photo))
-    engine = Backfills(embedded.settings, embedded.client.storage, embedded.client.celery)
+    engine = BackfillRunner(
+        Services(embedded.settings, storage=embedded.client.storage, celery=embedded.client.celery)
+    )
     created = engine.create(
         source.as_uri() + "/", embedded.location(f"outputs//./{name}-out/"), {"effect": "blur"}
     )
