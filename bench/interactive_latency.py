@@ -217,7 +217,7 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         wait_for(lambda: " ready." in (work / "worker.log").read_text(), 180, "worker start")
-        client = Client(settings)
+        client = Client(Services(settings))
         probe = f"s3://{bucket}/probe.png"
         s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
         client.wait([client.submit(input=probe)["id"]], timeout=300)  # warm-up

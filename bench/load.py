@@ -89,6 +89,7 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
     from fastapi.testclient import TestClient
 
     from producer.api import create_app
+    from producer.services import Services
     from producer.settings import Settings
 
     photo = stack.upload(f"load-{uuid.uuid4().hex[:6]}/photo.png", tiny_photo())
@@ -102,7 +103,7 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
         for i in range(count)
     ]
     settings = Settings(**{**stack.settings.model_dump(), "api_tokens": [TOKEN]})
-    app = create_app(settings, client=stack.client)
+    app = create_app(Services(settings, storage=stack.storage, celery=stack.client.celery))
     job_ids: list[str] = []
     with TestClient(app) as http:
         started = time.monotonic()

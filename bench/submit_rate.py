@@ -283,7 +283,7 @@ def main() -> None:
                 with counts.expect(args.jobs, "API"):
                     rates.append(api_rate(base, token, args.jobs, args.per_post, f"api{run}"))
             show("POST /v1/jobs, backdrop api over HTTP:", rates)
-        client = Client(settings)
+        client = Client(Services(settings))
         rates = []
         for run in range(args.repeat):
             with counts.expect(args.jobs, "Client"):

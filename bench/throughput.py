@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from producer import broker
 from producer.client import Client
 from producer.db import upgrade
+from producer.services import Services as Wiring
 from producer.settings import Settings
 from producer.storage import Storage
 from tests.support.weights import calibrate_on_noise
@@ -372,7 +373,11 @@ class Services:
         )
         upgrade(self.settings.database_url)
         self.client = Client(
-            self.settings, storage=Storage(self.settings), celery=broker.make_celery(self.settings)
+            Wiring(
+                self.settings,
+                storage=Storage(self.settings),
+                celery=broker.make_celery(self.settings),
+            )
         )
         self.folder = folder
         self.worker: subprocess.Popen[bytes] | None = None

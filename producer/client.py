@@ -15,10 +15,12 @@ from producer.db import session_scope
 from producer.errors import InvalidRequest, JobNotFound
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
-from producer.settings import Settings, get_settings
-from producer.storage import Storage, get_storage
+from producer.services import Services, default_services
+from producer.storage import Storage
 
 Record = dict[str, Any]
+# `Client.list` shadows the builtin inside the class body.
+Records = list[Record]
 FULL_ID_LENGTH = 36
 # Short prefixes are ambiguous soon and a scan of the ids either way: 6 hex digits is 16M.
 MIN_ID_PREFIX = 6
@@ -27,40 +29,23 @@ RequestLike = JobRequest | Mapping[str, Any]
 
 
 class Client:
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        *,
-        storage: Storage | None = None,
-        celery: Celery | None = None,
-    ) -> None:
-        self.settings = settings or get_settings()
-        self._storage = storage
-        self._celery = celery
+    def __init__(self, services: Services | None = None) -> None:
+        self.services = services or default_services()
+        self.settings = self.services.settings
 
     @property
     def storage(self) -> Storage:
-        if self._storage is None:
-            self._storage = (
-                get_storage() if self.settings is get_settings() else Storage(self.settings)
-            )
-        return self._storage
+        return self.services.storage
 
     @property
     def celery(self) -> Celery:
-        if self._celery is None:
-            self._celery = (
-                broker.get_celery()
-                if self.settings is get_settings()
-                else broker.make_celery(self.settings)
-            )
-        return self._celery
+        return self.services.celery
 
     def submit(self, request: RequestLike | None = None, **fields: Any) -> Record:
         """Queue one job; `submit(input="s3://…", effect="blur")` or `submit(request)`."""
         return self.submit_many([request if request is not None else fields])[0]
 
-    def submit_many(self, requests: Iterable[RequestLike]) -> list[Record]:
+    def submit_many(self, requests: Iterable[RequestLike]) -> Records:
         """Queue many jobs: one database statement and one broker pipeline for the lot."""
         validated = [self._validate(request) for request in requests]
         with session_scope(self.settings.database_url) as session:
@@ -89,11 +74,6 @@ class Client:
         for location in locations:
             if location is not None:
                 self.storage.check_allowed(location)
-        if request.mask_output is not None and request.mask_output in (
-            request.input,
-            request.output,
-        ):
-            raise InvalidRequest("mask_output must differ from input and output")
         return request
 
     def get(self, job_id: str) -> Record:
@@ -120,7 +100,7 @@ class Client:
 
     def list(
         self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[Record], str | None]:
+    ) -> tuple[Records, str | None]:
         """A page of jobs, newest first, and the cursor for the next page (None at the end)."""
         if status is not None and status not in {s.value for s in JobStatus}:
             raise InvalidRequest(f"unknown status {status!r}")
@@ -140,7 +120,7 @@ class Client:
         broker.enqueue(self.celery, [(record["id"], record["queue"])])
         return record
 
-    def retry_failed(self, limit: int = 10_000) -> list[Record]:
+    def retry_failed(self, limit: int = 10_000) -> Records:
         with session_scope(self.settings.database_url) as session:
             ids = jobs.failed_ids(session, limit)
         return [self.retry(job_id) for job_id in ids]
@@ -149,7 +129,7 @@ class Client:
         with session_scope(self.settings.database_url) as session:
             return jobs.cancel(session, job_id).to_record()
 
-    def wait(self, job_ids: Sequence[str], *, timeout: float = 600.0) -> list[Record]:
+    def wait(self, job_ids: Sequence[str], *, timeout: float = 600.0) -> Records:
         """Poll until every job is final; TimeoutError names the ones still open."""
         deadline = time.monotonic() + timeout
         delay = 0.05

@@ -164,10 +164,11 @@ def cli_section() -> list[str]:
 def reference_app() -> FastAPI:
     """The API as `backdrop api` builds it, over a throwaway data dir it never touches."""
     from producer.api import create_app
+    from producer.services import Services
 
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(data_dir=Path(data_dir), api_tokens=[_REFERENCE_TOKEN], api_docs=False)
-        return create_app(settings)
+        return create_app(Services(settings))
 
 
 def route_summary(route: APIRoute) -> str:
@@ -178,10 +179,12 @@ def route_summary(route: APIRoute) -> str:
 
 
 def http_section() -> list[str]:
+    from producer.api.app import routes as api_routes
+
     app = reference_app()
     operations = app.openapi()["paths"]
     rows = []
-    routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    routes = [r for r in api_routes(app) if isinstance(r, APIRoute)]
     for route in sorted(routes, key=lambda r: r.path):
         for method in sorted(route.methods or ()):
             operation = operations.get(route.path, {}).get(method.lower(), {})

@@ -23,19 +23,26 @@ from PIL import Image
 from sqlalchemy import text as sql_text
 
 from producer import jobs
-from producer.api import MIN_TOKEN_LENGTH, ApiMisconfigured, create_app, decode_cursor
+from producer.api import MIN_TOKEN_LENGTH
+from producer.api.jobs import decode_cursor
+from producer.api.series import SeriesCache
 from producer.broker import QUEUE_NAMES, make_celery
 from producer.db import session_scope
+from producer.errors import ApiMisconfigured
 from producer.settings import Settings
-from tests.conftest import REDIS_TEST_URL, free_port, poll_until, require_service
+from tests.conftest import free_port, poll_until
 from tests.conftest import run_to_end as finish_job
+from tests.support.api import (
+    AUTH,
+    OTHER_TOKEN,
+    TOKEN,
+    api_app,
+    api_settings,
+    location,
+)
 from worker.messages import check_envelope, check_task
 
 pytestmark = pytest.mark.integration
-
-TOKEN = "alpha-token-0123456789abcdefghijklmnop"
-OTHER_TOKEN = "beta-token-9876543210zyxwvutsrqponm"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
@@ -45,32 +52,6 @@ def photo_root(tmp_path: Path) -> Path:
     return root
 
 
-def redis_broker_url() -> str:
-    """The test Redis with its queues emptied. Deliberately no FLUSHDB: kombu remembers the
-    exchange bindings it declared for the whole process, so after a flush every later publish
-    from this process would be dropped (reported on producer/broker.py)."""
-    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=3)
-    try:
-        client.delete(*QUEUE_NAMES)
-        available = True
-    except redis.RedisError:
-        available = False
-    require_service("Redis", available, REDIS_TEST_URL)
-    return REDIS_TEST_URL
-
-
-def api_settings(db_url: str, root: Path, **overrides: Any) -> Settings:
-    fields: dict[str, Any] = {
-        "database_url": db_url,
-        "broker_url": overrides.pop("broker_url", None) or redis_broker_url(),
-        "data_dir": root.parent / "data",
-        "local_roots": [str(root)],
-        "output_prefix": (root / "out").as_uri(),
-        "api_tokens": [TOKEN, OTHER_TOKEN],
-    }
-    return Settings(**(fields | overrides))
-
-
 @pytest.fixture
 def settings(db_url: str, photo_root: Path) -> Settings:
     return api_settings(db_url, photo_root)
@@ -78,12 +59,8 @@ def settings(db_url: str, photo_root: Path) -> Settings:
 
 @pytest.fixture
 def http(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+    with TestClient(api_app(settings)) as client:
         yield client
-
-
-def location(root: Path, name: str = "cat.png") -> str:
-    return (root / name).as_uri()
 
 
 def submit(http: TestClient, body: Any) -> Any:
@@ -194,7 +171,7 @@ def test_a_bulk_body_the_broker_cannot_take_is_503_and_leaves_no_job_behind(
 ) -> None:
     settings = api_settings(db_url, photo_root, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     body = [{"input": location(photo_root, f"{i}.png")} for i in range(1500)]
-    with TestClient(create_app(settings)) as http:
+    with TestClient(api_app(settings)) as http:
         response = http.post("/v1/jobs", json=body, headers=AUTH)
     error = assert_error(response, 503, "broker_unavailable")
     assert "1500 of 1500 new jobs were withdrawn" in error["message"]
@@ -204,7 +181,7 @@ def test_a_bulk_body_the_broker_cannot_take_is_503_and_leaves_no_job_behind(
 
 def test_more_jobs_than_the_batch_limit_are_refused_whole(db_url: str, photo_root: Path) -> None:
     settings = api_settings(db_url, photo_root, api_max_batch=3)
-    with TestClient(create_app(settings)) as http:
+    with TestClient(api_app(settings)) as http:
         body = [{"input": location(photo_root, f"{i}.png")} for i in range(4)]
         response = http.post("/v1/jobs", json=body, headers=AUTH)
         assert_error(response, 413, "batch_too_large")
@@ -466,7 +443,7 @@ def test_a_decompression_bomb_gets_no_thumbnail(db_url: str, photo_root: Path) -
     buffer = io.BytesIO()
     Image.new("RGBA", (8000, 8000), (255, 0, 0, 255)).save(buffer, "PNG")
     (photo_root / "bomb.png").write_bytes(buffer.getvalue())
-    with TestClient(create_app(api_settings(db_url, photo_root))) as http:
+    with TestClient(api_app(api_settings(db_url, photo_root))) as http:
         record = submit(http, {"input": location(photo_root, "bomb.png")})
         error = assert_error(thumbnail(http, record["id"], "input"), 413, "input_too_large")
     assert "8000×8000" in error["message"]
@@ -481,7 +458,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_under_the_pixel_cap(
     (photo_root / "big.jpg").write_bytes(buffer.getvalue())
     # 12 MP stored, over a 1 MP cap, but decoded at 1/4 scale (1000×750) it fits.
     settings = api_settings(db_url, photo_root, api_thumbnail_max_pixels=1_000_000)
-    with TestClient(create_app(settings)) as http:
+    with TestClient(api_app(settings)) as http:
         record = submit(http, {"input": location(photo_root, "big.jpg")})
         image = decoded(thumbnail(http, record["id"], "input"), "image/jpeg")
     assert image.size == (320, 240)
@@ -492,7 +469,7 @@ def test_an_image_over_the_thumbnail_cap_is_413(
 ) -> None:
     (photo_root / "cat.png").write_bytes(photo_bytes["chelsea"])
     settings = api_settings(db_url, photo_root, api_thumbnail_max_bytes=1000)
-    with TestClient(create_app(settings)) as http:
+    with TestClient(api_app(settings)) as http:
         record = submit(http, {"input": location(photo_root)})
         response = http.get(f"/v1/jobs/{record['id']}/thumbnail?which=input", headers=AUTH)
     assert_error(response, 413, "input_too_large")
@@ -519,10 +496,48 @@ def test_stats_count_the_jobs_by_status_and_queue(
     assert body["queue_depth"] == {"interactive": 0, "bulk": 3}
 
 
+def test_the_chart_series_is_read_once_per_refresh_interval_and_shared(
+    db_url: str, photo_root: Path
+) -> None:
+    settings = api_settings(db_url, photo_root, api_series_refresh_s=3600)
+    with TestClient(api_app(settings)) as http:
+        first = http.get("/v1/stats/series?window=1h", headers=AUTH).json()
+        submit(http, {"input": location(photo_root)})
+        again = http.get("/v1/stats/series?window=1h", headers=AUTH).json()
+        day = http.get("/v1/stats/series?window=24h", headers=AUTH).json()
+    assert again == first  # the job submitted in between shows only at the next read
+    assert day["window"] == "24h" and day["generated_at"] >= first["generated_at"]
+
+
+def test_a_series_reading_is_kept_for_its_window_s_age_and_a_failed_one_is_not() -> None:
+    now = [0.0]
+    reads: list[str] = []
+
+    def read(window: str) -> dict[str, Any]:
+        reads.append(window)
+        if len(reads) == 3:
+            raise RuntimeError("database down")
+        return {"window": window, "read": len(reads)}
+
+    cache = SeriesCache(read, max_age_s=10, clock=lambda: now[0])
+    assert cache.get("1h") == {"window": "1h", "read": 1}
+    now[0] = 9.9
+    assert cache.get("1h")["read"] == 1
+    assert cache.get("24h")["read"] == 2
+    now[0] = 10
+    with pytest.raises(RuntimeError):
+        cache.get("1h")
+    assert cache.get("1h")["read"] == 4
+    now[0] = 69  # the day's buckets are 15 minutes long: its reading lasts six times longer
+    assert cache.get("24h")["read"] == 2
+    now[0] = 70
+    assert cache.get("24h")["read"] == 5
+
+
 def test_health_is_200_with_a_database_and_503_without(http: TestClient, photo_root: Path) -> None:
     assert http.get("/healthz").json() == {"status": "ok", "database": "ok"}
     down = api_settings("postgresql+psycopg://postgres@127.0.0.1:1/none", photo_root)
-    with TestClient(create_app(down)) as unreachable:
+    with TestClient(api_app(down)) as unreachable:
         assert_error(unreachable.get("/healthz"), 503, "database_unavailable")
         missing = unreachable.get(f"/v1/jobs/{uuid.uuid4()}", headers=AUTH)
         assert_error(missing, 503, "database_unavailable")
@@ -536,7 +551,7 @@ def test_the_openapi_schema_is_served_and_the_cdn_docs_pages_are_off_by_default(
     # Swagger UI and ReDoc pull their scripts from a CDN: not on an offline or locked-down host.
     assert_error(http.get("/docs"), 404, "not_found")
     assert_error(http.get("/redoc"), 404, "not_found")
-    with TestClient(create_app(api_settings(db_url, photo_root, api_docs=True))) as docs:
+    with TestClient(api_app(api_settings(db_url, photo_root, api_docs=True))) as docs:
         assert "swagger-ui" in docs.get("/docs").text
 
 
@@ -595,9 +610,9 @@ def test_without_tokens_the_api_refuses_to_start_unless_explicitly_insecure(
     db_url: str, photo_root: Path
 ) -> None:
     with pytest.raises(ApiMisconfigured, match="BACKDROP_API_TOKENS"):
-        create_app(api_settings(db_url, photo_root, api_tokens=[]))
+        api_app(api_settings(db_url, photo_root, api_tokens=[]))
     insecure = api_settings(db_url, photo_root, api_tokens=[], api_insecure_no_auth=True)
-    with TestClient(create_app(insecure)) as http:
+    with TestClient(api_app(insecure)) as http:
         assert http.get("/v1/jobs").json() == {"jobs": [], "next_cursor": None}
 
 
@@ -615,14 +630,14 @@ def test_the_api_refuses_to_start_with_a_short_or_placeholder_token(
     db_url: str, photo_root: Path, tokens: list[str]
 ) -> None:
     with pytest.raises(ApiMisconfigured, match=r"secrets\.token_urlsafe") as refused:
-        create_app(api_settings(db_url, photo_root, api_tokens=tokens))
+        api_app(api_settings(db_url, photo_root, api_tokens=tokens))
     assert not any(token in str(refused.value) for token in tokens)
 
 
 def test_a_generated_token_starts_the_api(db_url: str, photo_root: Path) -> None:
     token = secrets.token_urlsafe(24)
     assert len(token) == MIN_TOKEN_LENGTH
-    with TestClient(create_app(api_settings(db_url, photo_root, api_tokens=[token]))) as http:
+    with TestClient(api_app(api_settings(db_url, photo_root, api_tokens=[token]))) as http:
         assert http.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).is_success
 
 
@@ -651,9 +666,7 @@ def served(db_url: str, photo_root: Path) -> Iterator[str]:
     64 KiB body cap."""
     settings = api_settings(db_url, photo_root, api_max_body_bytes=64 * 1024)
     server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning"
-        )
+        uvicorn.Config(api_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -717,7 +730,7 @@ def test_a_client_without_a_token_is_rate_limited_but_a_client_with_one_is_not(
     settings = api_settings(
         db_url, photo_root, api_rate_limit_burst=3, api_rate_limit_per_s=1 / 86_400
     )
-    app = create_app(settings)
+    app = api_app(settings)
     with TestClient(app) as http, TestClient(app, client=("203.0.113.9", 4000)) as other:
         assert [http.get(path).status_code for path in ("/metrics", "/healthz", "/v1/jobs")] == [
             200,

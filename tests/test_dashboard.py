@@ -22,6 +22,7 @@ from producer.api import create_app
 from producer.db import session_scope
 from producer.models import Backfill, Job
 from producer.request import JobRequest
+from producer.services import Services
 from producer.settings import Settings
 from tests.conftest import poll_until, require_service, run_to_end
 
@@ -98,7 +99,9 @@ def serve(settings: Settings) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(Services(settings)), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from producer.db import session_scope
 from producer.errors import InvalidRequest, InvalidTransition
 from producer.models import Job
 from producer.request import JobRequest
+from producer.services import Services
 from producer.settings import Settings
 from tests.conftest import CALLBACK_SECRET, poll_until, redis_url_for_tests, run_to_end
 from tests.support.receiver import Receiver
@@ -309,7 +310,7 @@ def test_a_real_worker_finishes_a_job_and_the_receiver_gets_the_signed_record(
     try:
         storage = Storage(worker_settings)
         celery = broker.make_celery(worker_settings)
-        client = Client(worker_settings, storage=storage, celery=celery)
+        client = Client(Services(worker_settings, storage=storage, celery=celery))
         bucket = worker_env["BACKDROP_ALLOWED_BUCKETS"]
         photo = f"s3://{bucket}/in/cat.png"
         storage.write(photo, small_photo(photo_bytes["chelsea"]), content_type="image/png")

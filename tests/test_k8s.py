@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from producer.api import ApiMisconfigured, check_tokens
+from producer.api import check_tokens
 from producer.broker import QUEUE_NAMES
+from producer.errors import ApiMisconfigured
 from producer.settings import Settings
 from tests.conftest import require_service
 

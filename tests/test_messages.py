@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import redis
 
-from producer import broker, jobs
+from producer import jobs
 from producer.broker import TASK_NAME
 from producer.client import Client
 from producer.db import session_scope, upgrade
 from producer.request import JobRequest
+from producer.services import Services
 from producer.settings import Settings
-from producer.storage import Storage
 from tests.conftest import poll_until, redis_url_for_tests
 from tests.support.services import WorkerProcess
 from tests.support.stack import Stack, build_stack, small_photo
@@ -266,7 +266,7 @@ def test_the_embedded_broker_survives_garbage_files_in_its_queue_folder(
     }
     settings = Settings(data_dir=data_dir)
     upgrade(settings.database_url)
-    client = Client(settings, storage=Storage(settings), celery=broker.make_celery(settings))
+    client = Client(Services(settings))
     photo = f"{settings.input_prefix}/photo.png"
     client.storage.write(photo, small_photo(photo_bytes["coffee"]), content_type="image/png")
     worker = WorkerProcess(env, tmp_path / "worker.log").start()

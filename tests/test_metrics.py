@@ -13,7 +13,6 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, event
 
-from producer.api import create_app
 from producer.metrics import (
     ScrapeCollector,
     job_in_flight,
@@ -22,7 +21,7 @@ from producer.metrics import (
     start_worker_metrics_server,
 )
 from tests.conftest import poll_until
-from tests.test_api import AUTH, TOKEN, api_settings, location
+from tests.support.api import AUTH, TOKEN, api_app, api_settings, location
 
 
 def scrape(http: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -45,7 +44,7 @@ def test_the_api_metrics_follow_submissions_requests_and_the_job_store(
 ) -> None:
     root = tmp_path / "photos"
     root.mkdir()
-    with TestClient(create_app(api_settings(db_url, root, api_metrics_refresh_s=0))) as http:
+    with TestClient(api_app(api_settings(db_url, root, api_metrics_refresh_s=0))) as http:
         before = scrape(http)
         assert value(before, "backdrop_jobs", queue="bulk", status="queued") == 0
         body = [
@@ -70,7 +69,7 @@ def test_the_api_metrics_follow_submissions_requests_and_the_job_store(
 
 def test_requests_are_labelled_by_route_template_not_by_job_id(db_url: str, tmp_path: Path) -> None:
     settings = api_settings(db_url, tmp_path, broker_url="filesystem://", api_tokens=[TOKEN])
-    with TestClient(create_app(settings)) as http:
+    with TestClient(api_app(settings)) as http:
         for job_id in ("one", "two"):
             http.get(f"/v1/jobs/{job_id}", headers=AUTH)
         http.get("/no/such/route")
@@ -97,7 +96,7 @@ def test_scrapes_within_the_refresh_interval_share_one_count_of_the_jobs_table(
     # Every engine: the API's sessions may hold one that get_engine's cache has let go of.
     event.listen(Engine, "before_cursor_execute", count)
     try:
-        with TestClient(create_app(settings)) as http:
+        with TestClient(api_app(settings)) as http:
             first = scrape(http)
             assert http.post("/v1/jobs", json={"input": location(root)}, headers=AUTH).is_success
             scrapes = [scrape(http) for _ in range(200)]

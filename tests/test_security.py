@@ -232,10 +232,12 @@ def test_api_tokens_are_compared_in_constant_time_and_never_logged(
         compared.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(api.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     settings = Settings(**{**stack.settings.model_dump(), "api_tokens": tokens})
     caplog.set_level(logging.DEBUG)
-    with TestClient(api.create_app(settings, client=stack.client)) as http:
+    with TestClient(
+        api.create_app(Services(settings, storage=stack.storage, celery=stack.client.celery))
+    ) as http:
         for given, expected in ((API_TOKEN, 200), (API_TOKEN[:-1] + "x", 401), ("x", 401)):
             compared.clear()
             response = http.get("/v1/jobs", headers={"Authorization": f"Bearer {given}"})
@@ -359,7 +361,9 @@ def embedded(
     worker = WorkerProcess(env, folder / "worker.log", concurrency=2).start()
     try:
         worker.wait_ready()
-        client = Client(settings, storage=Storage(settings), celery=broker.make_celery(settings))
+        client = Client(
+            Services(settings, storage=Storage(settings), celery=broker.make_celery(settings))
+        )
         yield Embedded(data, settings, client, worker, (data / "inputs" / "photo.png").as_uri())
     finally:
         worker.stop()
@@ -552,7 +556,7 @@ def _auth() -> dict[str, str]:
 def _http(embedded: Embedded) -> TestClient:
     from producer import api
 
-    return TestClient(api.create_app(embedded.settings, client=embedded.client))
+    return TestClient(api.create_app(embedded.client.services))
 
 
 # --- S3 keys (issue 11) ------------------------------------------------------------------

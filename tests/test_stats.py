@@ -20,7 +20,7 @@ from producer.request import JobRequest
 from producer.settings import Settings
 from producer.stats import collect, histogram_percentile, percentile, series
 from tests.conftest import run_to_end
-from tests.test_api import redis_broker_url
+from tests.support.api import redis_broker_url
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

@@ -22,8 +22,8 @@ from producer import broker, jobs
 from producer.client import Client
 from producer.db import session_scope
 from producer.request import JobRequest
+from producer.services import Services
 from producer.settings import Settings
-from producer.storage import Storage
 from tests.conftest import poll_until, redis_url_for_tests
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def settings(pipeline_env: dict[str, str]) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Client:
-    return Client(settings, storage=Storage(settings), celery=broker.make_celery(settings))
+    return Client(Services(settings))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from producer.client import Client
 from producer.db import upgrade
 from producer.errors import BackdropError
 from producer.models import JobStatus
+from producer.services import Services
 from producer.settings import Settings
 from producer.storage import get_storage, join
 from worker.imageio import decode_image
@@ -79,7 +80,7 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
     preflight(settings)  # the actionable weights message, before anything starts
     upgrade(settings.database_url)
     storage = get_storage()
-    client = Client(settings)
+    client = Client(Services(settings))
     photos = sample_photos()
     run_id = time.strftime("%Y%m%d-%H%M%S")
     inputs = {}

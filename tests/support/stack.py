@@ -23,6 +23,7 @@ from producer import broker
 from producer.client import Client
 from producer.db import get_engine, session_scope, upgrade
 from producer.models import Job, JobStatus
+from producer.services import Services
 from producer.settings import Settings
 from producer.storage import Storage
 from tests.conftest import S3_TEST_CREDENTIALS, poll_until
@@ -238,7 +239,7 @@ def build_stack(
     )
     direct = Settings(**{**settings.model_dump(), "s3_endpoint_url": s3_endpoint})
     storage = Storage(direct)
-    client = Client(settings, storage=storage, celery=broker.make_celery(settings))
+    client = Client(Services(settings, storage=storage, celery=broker.make_celery(settings)))
     return Stack(
         folder=folder,
         env=env,
