@@ -3,6 +3,11 @@
 Each transition is one conditional UPDATE guarded by the statuses it may leave from (and, for
 a running job, by the attempt that owns it), so a duplicate or late message can never move a
 finished job backwards or let a stale attempt overwrite a newer one.
+
+History: an output location belongs to the job submitted for it; only a re-run (`rerun`, how
+a backfill processes a photo again) adds another job for it, once every earlier one is final.
+Earlier runs keep their records, so an output's jobs say what produced each version, and at
+most one job per output is ever unfinished (a partial unique index, migration 0006).
 """
 
 from __future__ import annotations
@@ -21,9 +26,8 @@ from sqlalchemy import (
     TextClause,
     any_,
     bindparam,
-    case,
     delete,
-    false,
+    exists,
     func,
     select,
     text,
@@ -32,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from producer import outbox
@@ -148,9 +152,14 @@ def create(
     return results
 
 
-def _insert(session: Session, rows: list[dict[str, Any]]) -> dict[str, datetime]:
+def _insert(
+    session: Session,
+    rows: list[dict[str, Any]],
+    taken: str = "an output location of this request already belongs to another job",
+) -> dict[str, datetime]:
     """INSERT the rows in one statement; returns id → created_at (as the database hands it
-    back) of those inserted: all but the ones whose idempotency key was taken meanwhile."""
+    back) of those inserted: all but the ones whose idempotency key was taken meanwhile.
+    `taken`: the message when a concurrent job took one of their outputs."""
     if not rows:
         return {}
     # The columns any row names (a row that leaves one out gets NULL there).
@@ -162,11 +171,9 @@ def _insert(session: Session, rows: list[dict[str, Any]]) -> dict[str, datetime]
         else:
             returned = session.execute(_values_insert(), [dict.fromkeys(names) | r for r in rows])
     except IntegrityError:
-        # A concurrent submit took one of these outputs between the check and the insert
-        # (the unique index on jobs.output, migration 0003, is the last word).
-        raise InvalidRequest(
-            "an output location of this request already belongs to another job"
-        ) from None
+        # A concurrent submit or re-run took one of these outputs between the check and the
+        # insert (the unique index on unfinished jobs' outputs is the last word).
+        raise InvalidRequest(taken) from None
     return {job_id: stored_at for job_id, stored_at in returned}
 
 
@@ -223,7 +230,18 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
         if location in seen:
             raise InvalidRequest(f"output {location} is named twice in this request")
         seen.add(location)
-    for chunk in _chunks(written):
+    taken = _first_taken(session, written)
+    if taken is not None:
+        raise InvalidRequest(
+            f"output {taken} already belongs to another job; choose another location "
+            "(or resubmit with that job's idempotency key)"
+        )
+    return fresh
+
+
+def _first_taken(session: Session, locations: Sequence[str]) -> str | None:
+    """One of `locations` that some job writes (as its output or mask), if any."""
+    for chunk in _chunks(locations):
         taken = session.scalars(
             select(Job.output)
             .where(one_of(session, Job.output, chunk))
@@ -231,11 +249,89 @@ def _check_outputs_free(session: Session, rows: list[dict[str, Any]]) -> list[di
             .limit(1)
         ).first()
         if taken is not None:
-            raise InvalidRequest(
-                f"output {taken} already belongs to another job; choose another location "
-                "(or resubmit with that job's idempotency key)"
+            return taken
+    return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """The newest job of an output, as a backfill compares a photo with it."""
+
+    id: str
+    input: str
+    status: str
+    backfill_id: str | None
+    fingerprint: str | None
+    error_code: str | None
+
+
+def latest_runs(session: Session, outputs: Sequence[str]) -> dict[str, Run]:
+    """Output → its newest job, for those of `outputs` that have one."""
+    latest: dict[str, Run] = {}
+    for chunk in _chunks(outputs):
+        query = (
+            select(
+                Job.id,
+                Job.input,
+                Job.output,
+                Job.status,
+                Job.backfill_id,
+                Job.fingerprint,
+                Job.error_code,
             )
-    return fresh
+            .where(one_of(session, Job.output, chunk))
+            .order_by(Job.created_at)
+        )
+        for row in session.execute(query):
+            latest[row.output] = Run(
+                row.id, row.input, row.status, row.backfill_id, row.fingerprint, row.error_code
+            )
+    return latest
+
+
+def rerun(
+    session: Session,
+    previous_ids: Sequence[str],
+    requests: Sequence[JobRequest],
+    *,
+    extras: Sequence[Mapping[str, Any]],
+) -> list[Job]:
+    """New jobs that process again what final jobs processed, for the same outputs (a backfill
+    re-running photos: changed parameters, or an earlier failure). The earlier jobs' records
+    stay as they are. A new job owns what its predecessor owned, so it may replace the
+    output an earlier run wrote; a mask at a new location is not its own until it writes
+    there. Refused (InvalidRequest) while an unfinished job still writes one of the outputs.
+    `extras` as for `create`; a re-run carries no idempotency key (that named the first)."""
+    if not requests:
+        return []
+    before = {job.id: job for job in get_many(session, previous_ids)}
+    created_at = now()
+    rows = []
+    for job_id, request, extra in zip(previous_ids, requests, extras, strict=True):
+        earlier = before[job_id]
+        if request.output != earlier.output:
+            raise InvalidRequest(f"a re-run of job {job_id} writes {earlier.output}")
+        same_mask = request.mask_output == earlier.mask_output
+        # request.output is set: the prefix for a default output is never used.
+        row = _row(request, "", created_at) | dict(extra)
+        rows.append(
+            row
+            | {
+                "idempotency_key": None,
+                "owns_output": earlier.owns_output,
+                "owns_mask": earlier.owns_mask and same_mask,
+            }
+        )
+    moved_masks = [
+        row["mask_output"]
+        for row, job_id in zip(rows, previous_ids, strict=True)
+        if row["mask_output"] and row["mask_output"] != before[job_id].mask_output
+    ]
+    taken = _first_taken(session, moved_masks)
+    if taken is not None:
+        raise InvalidRequest(f"mask output {taken} already belongs to another job")
+    inserted = _insert(session, rows, "an earlier job of this output is not finished yet")
+    return [Job(**(ROW_DEFAULTS | row | {"created_at": inserted[row["id"]]})) for row in rows]
 
 
 def check_overwrite(job: Job, *, overwrite: bool, exists: Callable[[str], bool]) -> None:
@@ -302,13 +398,17 @@ def listing(
     session: Session,
     *,
     status: str | None = None,
+    output: str | None = None,
     limit: int = 50,
     before: tuple[datetime, str] | None = None,
 ) -> list[Job]:
-    """Newest first; `before` is a (created_at, id) cursor for stable pagination."""
+    """Newest first; `before` is a (created_at, id) cursor for stable pagination. `output`:
+    only the jobs that wrote there, i.e. the history of one output location."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Job.status == JobStatus(status).value)
+    if output is not None:
+        query = query.where(Job.output == output)
     if before is not None:
         created_at, job_id = before
         query = query.where(
@@ -516,26 +616,41 @@ def cancel_queued(session: Session, backfill_id: str) -> int:
     return rowcount(result)
 
 
+def _superseded() -> ColumnElement[bool]:
+    """The job has a later run for its output: what it wrote is no longer the output's."""
+    later = aliased(Job)
+    return exists().where(later.output == Job.output, later.created_at > Job.created_at)
+
+
 def retry(session: Session, job_id: str, *, overwrite: bool = False) -> Job:
     """failed → queued, with a fresh attempt budget; with `overwrite`, its outputs may now
-    replace objects it did not write (after an output_exists failure)."""
+    replace objects it did not write (after an output_exists failure). Only the latest run of
+    an output can be retried: an earlier one would write over a later run's result."""
     values: dict[str, Any] = {}
     if overwrite:
         values["params"] = {**get(session, job_id).params, "overwrite": True}
-    if not _guarded(
-        session,
-        job_id,
-        [JobStatus.FAILED],
-        status=JobStatus.QUEUED.value,
-        attempts=0,
-        error_code=None,
-        error_message=None,
-        started_at=None,
-        finished_at=None,
-        worker=None,
-        **values,
-    ):
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.FAILED.value, ~_superseded())
+        .values(
+            status=JobStatus.QUEUED.value,
+            attempts=0,
+            error_code=None,
+            error_message=None,
+            started_at=None,
+            finished_at=None,
+            worker=None,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(result) != 1:
         job = get(session, job_id)
+        if job.status == JobStatus.FAILED.value:
+            raise InvalidTransition(
+                f"job {job_id} was run again since (backdrop jobs --output {job.output}); "
+                "retry the latest run"
+            )
         raise InvalidTransition(f"job {job_id} is {job.status}; only failed jobs can be retried")
     session.expire_all()
     return get(session, job_id)
@@ -555,38 +670,6 @@ def queued_before(session: Session, queue: str, moment: datetime, *, limit: int)
 
 
 def failed_ids(session: Session, limit: int = 10_000) -> list[str]:
-    query = select(Job.id).where(Job.status == JobStatus.FAILED.value).limit(limit)
+    """Failed jobs that are their output's latest run (those `retry` takes)."""
+    query = select(Job.id).where(Job.status == JobStatus.FAILED.value, ~_superseded()).limit(limit)
     return list(session.scalars(query))
-
-
-def reprocess(session: Session, job_id: str, request: JobRequest, **values: Any) -> bool:
-    """A final job (succeeded, failed or canceled) → queued again, for the same output with
-    a new request: how a backfill reprocesses a photo, since an output has one job. The record
-    then describes the processing its output will hold; `values` sets backfill columns."""
-    return _guarded(
-        session,
-        job_id,
-        [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED],
-        status=JobStatus.QUEUED.value,
-        queue=request.queue,
-        effect=request.effect,
-        params=request.params(),
-        mask_output=request.mask_output,
-        # A new mask location is not the job's own until it writes there.
-        owns_mask=case((Job.mask_output == request.mask_output, Job.owns_mask), else_=false()),
-        attempts=0,
-        error_code=None,
-        error_message=None,
-        created_at=now(),
-        started_at=None,
-        finished_at=None,
-        worker=None,
-        model_name=None,
-        model_weights=None,
-        timings_ms=None,
-        input_width=None,
-        input_height=None,
-        foreground_fraction=None,
-        lease_expires_at=None,
-        **values,
-    )

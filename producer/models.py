@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -88,8 +88,16 @@ class Job(Base):
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_backfill_status", "backfill_id", "status"),
-        Index("ix_jobs_fingerprint", "fingerprint"),
-        Index("ux_jobs_output", "output", unique=True),
+        # An output keeps every job that ran for it (its history), but is written by at most
+        # one unfinished job at a time.
+        Index("ix_jobs_output", "output"),
+        Index(
+            "ux_jobs_output_unfinished",
+            "output",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
         Index("ix_jobs_mask_output", "mask_output"),
         Index("ix_jobs_callback_due_at", "callback_due_at"),
     )

@@ -25,7 +25,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from producer import jobs
 from producer.api import create_app
@@ -165,6 +165,7 @@ class FakeWorker:
         if code:
             jobs.fail(session, job_id, job.attempts, code, f"fake {code} for {job.input}")
             return
+        jobs.own_outputs(session, job_id, job.attempts)  # as a worker does before writing
         jobs.succeed(
             session,
             job_id,
@@ -254,6 +255,64 @@ def test_re_running_a_finished_backfill_does_nothing_and_a_changed_parameter_rep
     assert jobs_of(settings, again["id"]) == []
     assert counted == {"listed": PHOTOS, "would_skip": PHOTOS, "would_submit": 0}
     assert changed["counts"]["submitted"] == PHOTOS and changed["counts"]["skipped"] == 0
+
+
+def test_a_changed_parameter_adds_a_job_per_photo_and_keeps_the_first_ones_records(
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
+) -> None:
+    source = f"s3://{photo_bucket}/photos/000"  # 0000 … 0009
+    with FakeWorker(settings, out):
+        first = run_backfill(engine, source, out, effect="blur", blur_strength=0.3)
+        before = {job.id: job.to_record() for job in jobs_of(settings, first["id"])}
+        changed = run_backfill(engine, source, out, effect="blur", blur_strength=0.6)
+
+    assert {job.id: job.to_record() for job in jobs_of(settings, first["id"])} == before
+    second = jobs_of(settings, changed["id"])
+    assert len(second) == 10 and not {job.id for job in second} & before.keys()
+    assert {job.params["blur_strength"] for job in second} == {0.6}
+    # Each photo's new job owns the output the first one wrote, so it could replace it.
+    assert all(job.owns_output and job.status == "succeeded" for job in second)
+    with session_scope(settings.database_url) as session:
+        runs = jobs.listing(session, output=second[0].output)
+    assert [job.backfill_id for job in runs] == [changed["id"], first["id"]]
+
+
+def test_going_back_to_earlier_parameters_reprocesses_since_the_output_holds_later_ones(
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
+) -> None:
+    source = f"s3://{photo_bucket}/photos/001"  # 0010 … 0019, written as 0.png … 9.png
+    with FakeWorker(settings, out):
+        run_backfill(engine, source, out, effect="blur", blur_strength=0.3)
+        run_backfill(engine, source, out, effect="blur", blur_strength=0.6)
+        back = run_backfill(engine, source, out, effect="blur", blur_strength=0.3)
+        again = run_backfill(engine, source, out, effect="blur", blur_strength=0.3)
+
+    assert back["counts"]["submitted"] == 10 and back["counts"]["succeeded"] == 10
+    assert again["counts"]["skipped"] == 10 and again["counts"]["submitted"] == 0
+    with session_scope(settings.database_url) as session:
+        runs = jobs.listing(session, output=f"{out}/2.png")
+    assert [job.params["blur_strength"] for job in runs] == [0.3, 0.6, 0.3]
+
+
+def test_a_backfill_never_re_runs_a_photo_whose_output_is_still_being_written(
+    engine: BackfillRunner, settings: Settings, photo_bucket: str, out: str
+) -> None:
+    source = f"s3://{photo_bucket}/photos/002"  # 0020 … 0029, written as 0.png … 9.png
+    with FakeWorker(settings, out):
+        run_backfill(engine, source, out, effect="blur", blur_strength=0.3)
+    with session_scope(settings.database_url) as session:
+        (held,) = jobs.listing(session, output=f"{out}/5.png")
+        # As if a worker were still on it (the fake worker only takes queued jobs).
+        session.execute(
+            update(Job).where(Job.id == held.id).values(status="running", finished_at=None)
+        )
+
+    with FakeWorker(settings, out):
+        record = run_backfill(engine, source, out, effect="blur", blur_strength=0.6)
+
+    assert record["counts"]["submitted"] == 9 and record["counts"]["skipped"] == 1
+    with session_scope(settings.database_url) as session:
+        assert [job.id for job in jobs.listing(session, output=f"{out}/5.png")] == [held.id]
 
 
 def test_a_backfill_killed_mid_way_resumes_without_skipping_or_doubling_a_photo(

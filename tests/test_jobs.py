@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from producer import jobs
 from producer.db import session_scope
@@ -315,22 +316,131 @@ def test_a_stale_attempt_cannot_claim_the_outputs(db_url: str) -> None:
         assert not jobs.own_outputs(session, created.job.id, stale)
 
 
-def test_a_rerun_with_a_new_mask_location_does_not_own_it_yet(db_url: str) -> None:
-    (created,) = _create(db_url, _request(mask_output="s3://outputs/m1.png"))
+# --- history: re-runs of an output -----------------------------------------------------------
+
+
+def _rerun(url: str, earlier: str, request: JobRequest, **extra: object) -> Job:
+    with session_scope(url) as session:
+        (job,) = jobs.rerun(session, [earlier], [request], extras=[extra])
+        return job
+
+
+def _finished(url: str, request: JobRequest) -> str:
+    """A job that ran `request` to success, having written its outputs."""
+    (created,) = _create(url, request)
+    attempt = _start(url, created.job.id)
+    with session_scope(url) as session:
+        jobs.own_outputs(session, created.job.id, attempt)
+    assert _succeed(url, created.job.id, attempt)
+    return created.job.id
+
+
+def test_a_re_run_is_a_new_job_and_the_earlier_record_stays_as_it_was(db_url: str) -> None:
+    output = "s3://outputs/history.png"
+    first = _finished(db_url, _request(output=output, effect="blur", blur_strength=0.3))
+    before = _job(db_url, first).to_record()
+
+    second = _rerun(db_url, first, _request(output=output, effect="blur", blur_strength=0.6))
+
+    assert second.id != first and second.status == "queued"
+    assert second.params["blur_strength"] == 0.6
+    assert _job(db_url, first).to_record() == before
+    with session_scope(db_url) as session:
+        runs = jobs.listing(session, output=output)
+    assert [job.id for job in runs] == [second.id, first]
+
+
+def test_a_re_run_may_replace_the_output_an_earlier_run_wrote(db_url: str) -> None:
+    output, mask = "s3://outputs/owned.png", "s3://outputs/owned-mask.png"
+    first = _finished(db_url, _request(output=output, mask_output=mask))
+
+    same = _rerun(db_url, first, _request(output=output, mask_output=mask, effect="blur"))
+    _start(db_url, same.id)
+
+    job = _job(db_url, same.id)
+    assert job.owns_output and job.owns_mask
+    jobs.check_overwrite(job, overwrite=False, exists=lambda location: True)
+
+
+def test_a_re_run_with_a_new_mask_location_does_not_own_it_yet(db_url: str) -> None:
+    output = "s3://outputs/moved.png"
+    first = _finished(db_url, _request(output=output, mask_output="s3://outputs/m1.png"))
+
+    moved = _rerun(db_url, first, _request(output=output, mask_output="s3://outputs/m2.png"))
+
+    assert moved.owns_output and not moved.owns_mask
+    with pytest.raises(OutputExists, match=r"m2\.png"):
+        jobs.check_overwrite(moved, overwrite=False, exists=lambda location: True)
+
+
+def test_a_re_run_of_a_job_that_never_wrote_its_output_does_not_own_it(db_url: str) -> None:
+    (created,) = _create(db_url, _request(output="s3://outputs/never.png"))
+    with session_scope(db_url) as session:
+        jobs.cancel(session, created.job.id)
+
+    again = _rerun(db_url, created.job.id, _request(output="s3://outputs/never.png"))
+
+    assert not again.owns_output
+    with pytest.raises(OutputExists):
+        jobs.check_overwrite(again, overwrite=False, exists=lambda location: True)
+
+
+def test_two_unfinished_jobs_for_one_output_are_refused(db_url: str) -> None:
+    output = "s3://outputs/busy.png"
+    (queued,) = _create(db_url, _request(output=output))
+
+    with pytest.raises(InvalidRequest, match="not finished"):
+        _rerun(db_url, queued.job.id, _request(output=output, effect="blur"))
+    first = _finished(db_url, _request(output="s3://outputs/busy-2.png"))
+    _rerun(db_url, first, _request(output="s3://outputs/busy-2.png", effect="blur"))
+    with pytest.raises(InvalidRequest, match="not finished"):
+        _rerun(db_url, first, _request(output="s3://outputs/busy-2.png", effect="desaturate"))
+
+    with session_scope(db_url) as session:
+        assert len(jobs.listing(session, output=output)) == 1
+        assert len(jobs.listing(session, output="s3://outputs/busy-2.png")) == 2
+
+
+def test_the_database_itself_refuses_a_second_unfinished_job_for_an_output(db_url: str) -> None:
+    (queued,) = _create(db_url, _request(output="s3://outputs/indexed.png"))
+    copy = (
+        "INSERT INTO jobs (id, status, queue, input, output, effect, params, attempts, "
+        "created_at, owns_output, owns_mask, callback_tries) SELECT :id, status, queue, input, "
+        "output, effect, params, 0, created_at, false, false, 0 FROM jobs WHERE id = :source"
+    )
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.execute(text(copy), {"id": "second", "source": queued.job.id})
+
+
+def test_a_finished_run_does_not_block_the_next_one(db_url: str) -> None:
+    output = "s3://outputs/series.png"
+    first = _finished(db_url, _request(output=output))
+    second = _rerun(db_url, first, _request(output=output, effect="blur"))
+    _succeed(db_url, second.id, _start(db_url, second.id))
+
+    third = _rerun(db_url, second.id, _request(output=output, effect="desaturate"))
+
+    with session_scope(db_url) as session:
+        runs = jobs.listing(session, output=output)
+    assert [job.id for job in runs] == [third.id, second.id, first]
+    assert [job.status for job in runs] == ["queued", "succeeded", "succeeded"]
+
+
+def test_only_the_latest_run_of_an_output_can_be_retried(db_url: str) -> None:
+    output = "s3://outputs/retried.png"
+    (created,) = _create(db_url, _request(output=output))
     attempt = _start(db_url, created.job.id)
     with session_scope(db_url) as session:
-        jobs.own_outputs(session, created.job.id, attempt)
-    assert _succeed(db_url, created.job.id, attempt)
+        jobs.fail(session, created.job.id, attempt, "storage_unavailable", "gone")
+    later = _rerun(db_url, created.job.id, _request(output=output, effect="blur"))
     with session_scope(db_url) as session:
-        same = _request(mask_output="s3://outputs/m1.png", effect="blur")
-        assert jobs.reprocess(session, created.job.id, same)
-    assert _job(db_url, created.job.id).owns_mask
-    _succeed(db_url, created.job.id, _start(db_url, created.job.id))
+        jobs.fail(session, later.id, _start(db_url, later.id), "storage_unavailable", "gone")
+
     with session_scope(db_url) as session:
-        moved = _request(mask_output="s3://outputs/m2.png", effect="blur")
-        assert jobs.reprocess(session, created.job.id, moved)
-    job = _job(db_url, created.job.id)
-    assert job.owns_output and not job.owns_mask
+        assert jobs.failed_ids(session) == [later.id]
+        with pytest.raises(InvalidTransition, match="run again"):
+            jobs.retry(session, created.job.id)
+        assert jobs.retry(session, later.id).status == "queued"
 
 
 def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> None:

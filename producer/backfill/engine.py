@@ -264,18 +264,20 @@ class BackfillRunner:
         self, backfill_id: str, cursor: str | None, chunk: Chunk, planned: builtins.list[Planned]
     ) -> None:
         with session_scope(self.settings.database_url) as session:
-            new, adopt = by_output_owner(session, fresh(session, planned))
+            new, again = by_output_owner(fresh(session, planned))
             created = jobs.create(
                 session,
                 [p.request for p in new],
                 self.settings.output_prefix,
                 extras=[job_columns(backfill_id, p) for p in new],
             )
-            queued = [c.job.id for c in created] + [
-                job_id
-                for job_id, p in adopt
-                if jobs.reprocess(session, job_id, p.request, **job_columns(backfill_id, p))
-            ]
+            rerun = jobs.rerun(
+                session,
+                [job_id for job_id, _ in again],
+                [p.request for _, p in again],
+                extras=[job_columns(backfill_id, p) for _, p in again],
+            )
+            queued = [c.job.id for c in created] + [job.id for job in rerun]
             if not records.advance(
                 session, backfill_id, cursor, chunk.position, len(planned), len(queued)
             ):

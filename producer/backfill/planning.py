@@ -7,11 +7,13 @@ output format's when the photo already has that one (`cat.png` → `cat.png`), e
 whatever chunk or run each lands in, and the name alone says which photo an output came from.
 
 Skipping: a job's fingerprint hashes what determines its output (input location and ETag,
-effect, parameters, model, output location). A photo whose fingerprint belongs to a job that
-succeeded or is still in flight is skipped, and so is one that failed for a reason in the
-photo itself (PHOTO_FAILURES: the same bytes would fail again); other failures (access,
-storage, a lost worker) and canceled ones are processed again. A changed photo has a new
-ETag, hence a new fingerprint, and is processed.
+effect, parameters, model, output location). A photo is skipped when its fingerprint is that
+of its output's latest job and that job succeeded, is still in flight, or failed for a reason
+in the photo itself (PHOTO_FAILURES: the same bytes would fail again); after other failures
+(access, storage, a lost worker), a cancel, or a change (a new ETag or parameters: a new
+fingerprint) it is processed again, by a new job: the earlier jobs stay as the output's
+history. Only the latest job counts: after runs with parameters A then B, a run with A again
+reprocesses, since the output holds B's result.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from producer import jobs
 from producer.backfill.source import Item
 from producer.errors import InvalidRequest
-from producer.models import Job, JobStatus
+from producer.models import JobStatus
 from producer.request import JobRequest, Queue, parse_request
 from producer.storage import join
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Request fields that name one photo's locations: a backfill derives them per photo.
 PER_PHOTO_FIELDS = ("input", "output", "mask_output", "mask", "idempotency_key")
-# A photo is skipped when a job with its fingerprint is in one of these.
+# A photo is skipped when its output's latest job has its fingerprint and is in one of these.
 SKIP_STATUSES = (JobStatus.SUCCEEDED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 # Failures the same photo meets every time: a re-run records them done (failed) and skips.
 PHOTO_FAILURES = ("invalid_image", "unsupported_format", "input_too_large", "no_subject")
@@ -84,29 +85,29 @@ def plan(template: JobRequest, item: Item, output_prefix: str, model: str) -> Pl
     return Planned(request, item, fingerprint(request, item.etag, model))
 
 
-def _already_done(session: Session, planned: list[Planned]) -> set[str]:
-    prints = [p.fingerprint for p in planned]
-    query = select(Job.fingerprint).where(
-        jobs.one_of(session, Job.fingerprint, prints),
-        or_(
-            Job.status.in_(SKIP_STATUSES),
-            (Job.status == JobStatus.FAILED.value) & Job.error_code.in_(PHOTO_FAILURES),
-        ),
-    )
-    return {value for value in session.scalars(query) if value is not None}
+def _done(run: jobs.Run | None, candidate: Planned) -> bool:
+    """Whether the output's latest job already processed this photo as planned."""
+    if run is None or run.fingerprint != candidate.fingerprint:
+        return False
+    if run.status in SKIP_STATUSES:
+        return True
+    return run.status == JobStatus.FAILED.value and run.error_code in PHOTO_FAILURES
 
 
-def fresh(session: Session, planned: list[Planned]) -> list[Planned]:
-    """Those not already processed nor in flight; a photo listed twice (a manifest) once.
-    Of two photos naming one output (a manifest's `cat` and `cat.png`) the first is kept
-    and the other skipped with a warning: one photo's output is never the other's."""
+def fresh(session: Session, planned: list[Planned]) -> list[tuple[Planned, jobs.Run | None]]:
+    """Those not already processed nor in flight, each with its output's latest job (if any);
+    a photo listed twice (a manifest) once. Of two photos naming one output (a manifest's
+    `cat` and `cat.png`) the first is kept and the other skipped with a warning: one photo's
+    output is never the other's."""
     if not planned:
         return []
-    done = _already_done(session, planned)
+    latest = jobs.latest_runs(session, [p.request.output or "" for p in planned])
+    seen: set[str] = set()
     outputs: set[str | None] = set()
     kept = []
     for candidate in planned:
-        if candidate.fingerprint in done:
+        run = latest.get(candidate.request.output or "")
+        if candidate.fingerprint in seen or _done(run, candidate):
             continue
         if candidate.request.output in outputs:
             log.warning(
@@ -115,9 +116,9 @@ def fresh(session: Session, planned: list[Planned]) -> list[Planned]:
                 candidate.request.output,
             )
             continue
-        done.add(candidate.fingerprint)
+        seen.add(candidate.fingerprint)
         outputs.add(candidate.request.output)
-        kept.append(candidate)
+        kept.append((candidate, run))
     return kept
 
 
@@ -130,33 +131,23 @@ def job_columns(backfill_id: str, planned: Planned) -> dict[str, Any]:
 
 
 def by_output_owner(
-    session: Session, fresh: list[Planned]
+    fresh: list[tuple[Planned, jobs.Run | None]],
 ) -> tuple[list[Planned], list[tuple[str, Planned]]]:
-    """Split photos to process into new jobs and (job id, photo) for final backfill jobs that
-    already own the output: an output has one job, so reprocessing requeues that job. An
-    output held by a job in flight, by a job no backfill made, or by another photo's job (two
-    names that map to one output in different chunks) is left alone (skipped)."""
-    outputs = [p.request.output for p in fresh]
-    owners = {
-        row.output: row
-        for row in session.execute(
-            select(Job.id, Job.input, Job.output, Job.status, Job.backfill_id).where(
-                jobs.one_of(session, Job.output, outputs)
-            )
-        )
-    }
+    """Split photos to process into new jobs (a new output) and (job id, photo) re-runs of
+    the final backfill job that last wrote the output for this photo. An output whose latest
+    job is in flight, was made by no backfill, or processed another photo (two names that map
+    to one output in different chunks) is left alone (skipped)."""
     new: list[Planned] = []
-    adopt: list[tuple[str, Planned]] = []
-    for candidate in fresh:
-        owner = owners.get(candidate.request.output)
-        if owner is None:
+    again: list[tuple[str, Planned]] = []
+    for candidate, run in fresh:
+        if run is None:
             new.append(candidate)
         elif (
-            owner.backfill_id is not None
-            and JobStatus(owner.status).final
-            and owner.input == candidate.request.input
+            run.backfill_id is not None
+            and JobStatus(run.status).final
+            and run.input == candidate.request.input
         ):
-            adopt.append((owner.id, candidate))
+            again.append((run.id, candidate))
         else:
-            log.warning("%s: output held by job %s; skipped", candidate.item.location, owner.id)
-    return new, adopt
+            log.warning("%s: output held by job %s; skipped", candidate.item.location, run.id)
+    return new, again
