@@ -486,14 +486,20 @@ def status(job_id: str, as_json: bool) -> None:
     type=click.Choice([s.value for s in JobStatus]),
     help="only jobs in this status",
 )
+@click.option(
+    "--output",
+    "output",
+    metavar="LOCATION",
+    help="only the jobs that wrote this output: every run that produced it",
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, help="most jobs listed")
 @click.option("--json", "as_json", is_flag=True, help="print the records as JSON")
 @reports_errors
-def jobs_command(status_filter: str | None, limit: int, as_json: bool) -> None:
+def jobs_command(status_filter: str | None, output: str | None, limit: int, as_json: bool) -> None:
     """List recent jobs, newest first."""
     from producer.client import Client
 
-    records, _ = Client().list(status=status_filter, limit=limit)
+    records, _ = Client().list(status=status_filter, output=output, limit=limit)
     if as_json:
         _print_json(records)
         return

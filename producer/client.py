@@ -13,6 +13,7 @@ from sqlalchemy import select
 from producer import broker, jobs
 from producer.db import session_scope
 from producer.errors import InvalidRequest, JobNotFound
+from producer.locations import canonical
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
 from producer.services import Services, default_services
@@ -99,13 +100,22 @@ class Client:
         return matches[0]
 
     def list(
-        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        output: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
     ) -> tuple[Records, str | None]:
-        """A page of jobs, newest first, and the cursor for the next page (None at the end)."""
+        """A page of jobs, newest first, and the cursor for the next page (None at the end).
+        `output`: only the jobs that wrote that location, i.e. every run that produced it."""
         if status is not None and status not in {s.value for s in JobStatus}:
             raise InvalidRequest(f"unknown status {status!r}")
+        written = canonical(output) if output is not None else None
         with session_scope(self.settings.database_url) as session:
-            page = jobs.listing(session, status=status, limit=limit, before=decode_cursor(cursor))
+            page = jobs.listing(
+                session, status=status, output=written, limit=limit, before=decode_cursor(cursor)
+            )
             records = [job.to_record() for job in page]
             next_cursor = (
                 encode_cursor(page[-1].created_at, page[-1].id) if len(page) == limit else None

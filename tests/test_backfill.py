@@ -272,9 +272,12 @@ def test_a_changed_parameter_adds_a_job_per_photo_and_keeps_the_first_ones_recor
     assert {job.params["blur_strength"] for job in second} == {0.6}
     # Each photo's new job owns the output the first one wrote, so it could replace it.
     assert all(job.owns_output and job.status == "succeeded" for job in second)
-    with session_scope(settings.database_url) as session:
-        runs = jobs.listing(session, output=second[0].output)
-    assert [job.backfill_id for job in runs] == [changed["id"], first["id"]]
+    api = Services(settings.model_copy(update={"api_tokens": [TOKEN]}))
+    with TestClient(create_app(api)) as http:
+        listed = http.get("/v1/jobs", params={"output": second[0].output}, headers=AUTH)
+    runs = listed.json()["jobs"]
+    assert [run["backfill_id"] for run in runs] == [changed["id"], first["id"]]
+    assert [run["params"]["blur_strength"] for run in runs] == [0.6, 0.3]
 
 
 def test_going_back_to_earlier_parameters_reprocesses_since_the_output_holds_later_ones(

@@ -72,11 +72,15 @@ def submit_jobs(body: JobsBody, state: State) -> JSONResponse:
 def list_jobs(
     client: ClientDep,
     status: str | None = None,
+    output: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: str | None = None,
 ) -> JSONResponse:
-    """Jobs newest first; pass `next_cursor` back as `cursor` for the next page."""
-    records, next_cursor = client.list(status=status, limit=limit, cursor=decode_cursor(cursor))
+    """Jobs newest first; pass `next_cursor` back as `cursor` for the next page. `output`:
+    only the jobs that wrote that location (every run of a backfill photo)."""
+    records, next_cursor = client.list(
+        status=status, output=output, limit=limit, cursor=decode_cursor(cursor)
+    )
     return JSONResponse({"jobs": records, "next_cursor": encode_cursor(next_cursor)})
 
 
