@@ -13,7 +13,7 @@ from sqlalchemy import select
 from producer import broker, jobs
 from producer.db import session_scope
 from producer.errors import InvalidRequest, JobNotFound
-from producer.locations import canonical
+from producer.locations import S3_SCHEME, canonical
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
 from producer.services import Services, default_services
@@ -48,7 +48,7 @@ class Client:
 
     def submit_many(self, requests: Iterable[RequestLike]) -> Records:
         """Queue many jobs: one database statement and one broker pipeline for the lot."""
-        validated = [self._validate(request) for request in requests]
+        validated = [self.validate(request) for request in requests]
         with session_scope(self.settings.database_url) as session:
             created = jobs.create(session, validated, self.settings.output_prefix)
         new = [(c.job.id, c.job.queue) for c in created if c.new]
@@ -64,9 +64,11 @@ class Client:
                 f"the broker did not take the jobs ({type(exc).__name__}); "
                 f"{withdrawn} of {len(new)} new jobs were withdrawn; submit again"
             ) from None
-        return [c.job.to_record() for c in created]
+        return [self._record(c.job) for c in created]
 
-    def _validate(self, request: RequestLike) -> JobRequest:
+    def validate(self, request: RequestLike) -> JobRequest:
+        """The request validated and its locations checked, as submit does, without
+        submitting it."""
         if not isinstance(request, JobRequest):
             request = parse_request(dict(request))
         locations = [request.input, request.output, request.mask_output, request.mask]
@@ -79,7 +81,7 @@ class Client:
 
     def get(self, job_id: str) -> Record:
         with session_scope(self.settings.database_url) as session:
-            return jobs.get(session, job_id).to_record()
+            return self._record(jobs.get(session, job_id))
 
     def resolve_id(self, prefix: str) -> str:
         """The job id that starts with `prefix` (as `git` takes a short hash): a full id as
@@ -116,7 +118,7 @@ class Client:
             page = jobs.listing(
                 session, status=status, output=written, limit=limit, before=decode_cursor(cursor)
             )
-            records = [job.to_record() for job in page]
+            records = [self._record(job) for job in page]
             next_cursor = (
                 encode_cursor(page[-1].created_at, page[-1].id) if len(page) == limit else None
             )
@@ -126,7 +128,7 @@ class Client:
         """failed → queued; `overwrite` lets its outputs replace objects it did not write."""
         with session_scope(self.settings.database_url) as session:
             job = jobs.retry(session, job_id, overwrite=overwrite)
-            record = job.to_record()
+            record = self._record(job)
         broker.enqueue(self.celery, [(record["id"], record["queue"])])
         return record
 
@@ -137,7 +139,32 @@ class Client:
 
     def cancel(self, job_id: str) -> Record:
         with session_scope(self.settings.database_url) as session:
-            return jobs.cancel(session, job_id).to_record()
+            return self._record(jobs.cancel(session, job_id))
+
+    def _record(self, job: Job) -> Record:
+        """The job's record as served: a succeeded job's S3 outputs with presigned GET URLs
+        (`output_url`, `mask_url`; null otherwise), computed now since stored ones expire."""
+        record = job.to_record()
+        succeeded = record["status"] == JobStatus.SUCCEEDED
+        for field, url in (("output", "output_url"), ("mask_output", "mask_url")):
+            location = record[field]
+            record[url] = (
+                self.storage.presigned_url(location, self.settings.presign_s)
+                if succeeded and location is not None and location.startswith(S3_SCHEME)
+                else None
+            )
+        return record
+
+    def finished(self, job_id: str) -> Record | None:
+        """The job's record once it is final, else None: one indexed read of its status
+        while it is not, so polling it often costs the database little."""
+        with session_scope(self.settings.database_url) as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            if status is None:
+                raise JobNotFound(f"no job with id {job_id}")
+            if not JobStatus(status).final:
+                return None
+            return self._record(jobs.get(session, job_id))
 
     def wait(self, job_ids: Sequence[str], *, timeout: float = 600.0) -> Records:
         """Poll until every job is final; TimeoutError names the ones still open."""
@@ -149,7 +176,7 @@ class Client:
             # Only the jobs still open, in a few queries: waiting on thousands of jobs must not
             # take a core away from the workers it waits for.
             with session_scope(self.settings.database_url) as session:
-                records = [job.to_record() for job in jobs.get_many(session, open_ids)]
+                records = [self._record(job) for job in jobs.get_many(session, open_ids)]
             finished.update((r["id"], r) for r in records if JobStatus(r["status"]).final)
             open_ids = [job_id for job_id in open_ids if job_id not in finished]
             if not open_ids:

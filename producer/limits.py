@@ -77,11 +77,13 @@ class RateLimiter:
 @dataclass(frozen=True)
 class GuardPolicy:
     """What the guard enforces; `authenticated(header)` says whether an Authorization header
-    carries a valid token (None: the API runs without tokens)."""
+    carries a valid token (None: the API runs without tokens). The `streamed` routes read
+    and cap their own bodies as they stream in (uploads): the guard passes them on unread."""
 
     body_limits: Mapping[tuple[str, str], int]
     authenticated: Callable[[str], bool] | None
     limiter: RateLimiter
+    streamed: frozenset[tuple[str, str]] = frozenset()
 
 
 class RequestGuard:
@@ -119,6 +121,9 @@ class RequestGuard:
                     {"WWW-Authenticate": "Bearer"},
                 )
                 return
+        if (scope["method"], path) in self.policy.streamed:
+            await self.app(scope, receive, send)
+            return
         limit = self.policy.body_limits.get((scope["method"], path), SMALL_BODY_BYTES)
         try:
             body = await _read_body(scope, receive, limit)

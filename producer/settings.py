@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # (JPEGs decode at up to 1/8 scale), gets no thumbnail (413).
     api_thumbnail_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     api_thumbnail_max_pixels: int = Field(default=25_000_000, ge=1)
+    # S3 job records carry presigned GET URLs of their outputs (output_url, mask_url), computed
+    # when the record is served; they expire this long after (S3 allows at most 7 days).
+    presign_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     # Where a worker serves its Prometheus metrics; None: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Loopback unless set: the metrics server has no authentication. Containers set 0.0.0.0

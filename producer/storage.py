@@ -50,6 +50,7 @@ from producer.settings import Settings, get_settings
 if TYPE_CHECKING:
     # Stubs only (boto3-stubs[s3]); boto3 itself is imported on first S3 use.
     from botocore.exceptions import ClientError
+    from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import ListObjectsV2RequestPaginateTypeDef
 
@@ -196,7 +197,8 @@ class Storage:
             return self._s3_read(target, max_bytes)
         return _file_read(location, target, max_bytes)
 
-    def write(self, location: str, data: bytes, *, content_type: str) -> None:
+    def write(self, location: str, data: bytes | IO[bytes], *, content_type: str) -> None:
+        """Store bytes, or a seekable file's contents (copied, never read whole)."""
         target = self._resolve(location, prefix=False)
         if isinstance(target, S3Object):
             with self._s3_errors(target.location):
@@ -205,7 +207,36 @@ class Storage:
                 )
             return
         with _file_errors(location):
-            _write_atomically(target, lambda out: out.write(data))
+            if isinstance(data, bytes):
+                _write_atomically(target, lambda out: out.write(data))
+            else:
+                _write_atomically(target, lambda out: shutil.copyfileobj(data, out))
+
+    def stream(self, location: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks, to serve it without holding it whole. Opened here,
+        so a missing object is InputNotFound before the first chunk is asked for."""
+        target = self._resolve(location, prefix=False)
+        source: IO[bytes] | StreamingBody
+        if isinstance(target, S3Object):
+            with self._s3_errors(target.location):
+                source = self._client.get_object(Bucket=target.bucket, Key=target.key)["Body"]
+        else:
+            with _file_errors(location):
+                source = target.open("rb")
+        return _chunks(source, chunk_bytes)
+
+    def presigned_url(self, location: str, expires_s: int) -> str | None:
+        """A GET URL that reads an S3 object without credentials until it expires (computed
+        locally, no request); None for a file location."""
+        target = self._resolve(location, prefix=False)
+        if not isinstance(target, S3Object):
+            return None
+        with self._s3_errors(target.location):
+            return self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": target.bucket, "Key": target.key},
+                ExpiresIn=expires_s,
+            )
 
     def head(self, location: str) -> ObjectInfo:
         target = self._resolve(location, prefix=False)
@@ -399,6 +430,14 @@ def _build_client(settings: Settings) -> S3Client:
     # boto3.client() goes through the default session, which is not thread-safe to build.
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+
+
+def _chunks(source: IO[bytes] | StreamingBody, size: int) -> Iterator[bytes]:
+    try:
+        while chunk := source.read(size):
+            yield chunk
+    finally:
+        source.close()
 
 
 def _too_large(location: str, size: int, max_bytes: int) -> InputTooLarge:

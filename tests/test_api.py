@@ -147,7 +147,9 @@ def test_a_bulk_body_gives_one_row_and_one_guard_accepted_message_per_job(
     with session_scope(settings.database_url) as session:
         stored = jobs.get_many(session, [r["id"] for r in records])
         assert session.scalar(sql_text("SELECT count(*) FROM jobs")) == 1500
-    assert [job.to_record() for job in stored] == records
+    # Served records add the presigned URLs of succeeded S3 outputs: none for queued jobs.
+    unsigned = {"output_url": None, "mask_url": None}
+    assert [job.to_record() | unsigned for job in stored] == records
     messages = {
         queue: redis.Redis.from_url(settings.broker_url).lrange(queue, 0, -1)
         for queue in QUEUE_NAMES
@@ -473,6 +475,156 @@ def test_an_image_over_the_thumbnail_cap_is_413(
         record = submit(http, {"input": location(photo_root)})
         response = http.get(f"/v1/jobs/{record['id']}/thumbnail?which=input", headers=AUTH)
     assert_error(response, 413, "input_too_large")
+
+
+def test_a_succeeded_jobs_output_and_mask_are_served_as_stored(
+    http: TestClient, settings: Settings, photo_root: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    mask = location(photo_root, "masks/cat.png")
+    record = submit(http, {"input": location(photo_root), "mask_output": mask})
+    url = f"/v1/jobs/{record['id']}/output"
+    assert_error(http.get(url, headers=AUTH), 404, "output_not_ready")
+    stored = cut_out(photo_bytes["coffee"])
+    for path, data in ((record["output"], stored), (mask, photo_bytes["chelsea"])):
+        Path(path.removeprefix("file://")).parent.mkdir(parents=True, exist_ok=True)
+        Path(path.removeprefix("file://")).write_bytes(data)
+    run_to_end(settings, record["id"])
+
+    output = http.get(url, headers=AUTH)
+    saved_mask = http.get(f"{url}?mask=1", headers=AUTH)
+    assert output.status_code == 200 and output.content == stored
+    assert output.headers["content-type"] == "image/png"
+    assert output.headers["backdrop-job-id"] == record["id"]
+    assert output.headers["x-content-type-options"] == "nosniff"
+    assert saved_mask.status_code == 200 and saved_mask.content == photo_bytes["chelsea"]
+    # Local outputs have no presigned URL: the route above is how they are fetched.
+    served = http.get(f"/v1/jobs/{record['id']}", headers=AUTH).json()
+    assert served["output_url"] is None and served["mask_url"] is None
+    assert http.get(url).status_code == 401
+
+
+def test_an_output_that_is_not_there_is_404_output_not_ready(
+    http: TestClient, settings: Settings, photo_root: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    record = finished_with_output(http, settings, photo_root, photo_bytes["coffee"])
+    assert_error(
+        http.get(f"/v1/jobs/{record['id']}/output?mask=1", headers=AUTH), 404, "output_not_ready"
+    )
+    Path(record["output"].removeprefix("file://")).unlink()
+    assert_error(http.get(f"/v1/jobs/{record['id']}/output", headers=AUTH), 404, "output_not_ready")
+    assert_error(http.get(f"/v1/jobs/{uuid.uuid4()}/output", headers=AUTH), 404, "job_not_found")
+
+
+def process(http: TestClient, image: bytes, **fields: str) -> httpx.Response:
+    return http.post(
+        "/v1/process", files={"image": ("photo.png", image, "image/png")}, data=fields, headers=AUTH
+    )
+
+
+def uploads(settings: Settings) -> list[Path]:
+    folder = Path(settings.input_prefix.removeprefix("file://")) / "uploads"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def test_an_upload_not_done_in_time_is_202_with_its_queued_record_and_the_photo_stored(
+    http: TestClient, settings: Settings, photo_bytes: dict[str, bytes]
+) -> None:
+    response = process(
+        http,
+        photo_bytes["chelsea"],
+        timeout="0",
+        effect="blur",
+        margin="0.1",
+        crop="subject",
+        fail_on_no_subject="true",
+        classes="cat,dog",
+    )
+    assert response.status_code == 202, response.text
+    record = response.json()
+    assert response.headers["backdrop-job-id"] == record["id"]
+    assert record["status"] == "queued" and record["queue"] == "interactive"
+    assert record["params"]["margin"] == 0.1 and record["params"]["fail_on_no_subject"] is True
+    assert record["params"]["classes"] == ["cat", "dog"]
+    (stored,) = uploads(settings)
+    assert record["input"] == stored.as_uri() and stored.read_bytes() == photo_bytes["chelsea"]
+    assert redis_depth(settings, "interactive") == 1
+
+
+def test_an_upload_of_a_job_that_failed_answers_the_jobs_error(
+    db_url: str, photo_root: Path, photo_bytes: dict[str, bytes]
+) -> None:
+    settings = api_settings(db_url, photo_root)
+    done = threading.Event()
+
+    def fail_the_job() -> None:
+        # Plays the worker: the first job to appear fails as a worker would fail it.
+        def queued() -> list[str]:
+            with session_scope(settings.database_url) as session:
+                return [job.id for job in jobs.listing(session, status="queued", limit=1)]
+
+        poll_until(lambda: queued(), timeout=30, what="the upload's job")
+        run_to_end(settings, queued()[0], error_code="no_subject")
+        done.set()
+
+    with TestClient(api_app(settings)) as http:
+        worker = threading.Thread(target=fail_the_job, daemon=True)
+        worker.start()
+        response = process(http, photo_bytes["chelsea"], timeout="60")
+        worker.join()
+    assert done.is_set()
+    assert_error(response, 422, "no_subject")
+    assert response.headers["backdrop-job-id"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_upload_over_the_input_limit_is_413_and_nothing_is_stored(
+    db_url: str, photo_root: Path, chunked: bool
+) -> None:
+    settings = api_settings(db_url, photo_root, max_input_bytes=100_000)
+    body, content_type = httpx_multipart(b"x" * 300_000)
+    content: Any = (
+        iter([body[i : i + 8192] for i in range(0, len(body), 8192)]) if chunked else body
+    )
+    with TestClient(api_app(settings)) as http:
+        response = http.post(
+            "/v1/process", content=content, headers=AUTH | {"Content-Type": content_type}
+        )
+        listed = http.get("/v1/jobs", headers=AUTH).json()["jobs"]
+    assert_error(response, 413, "input_too_large")
+    assert uploads(settings) == [] and listed == []
+
+
+def httpx_multipart(image: bytes) -> tuple[bytes, str]:
+    request = httpx.Request("POST", "http://x/", files={"image": ("big.png", image, "image/png")})
+    return request.read(), request.headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "message"),
+    [
+        ({"effect": "sparkle"}, True, "effect"),
+        ({"margin": "wide"}, True, "margin"),
+        ({"queue": "bulk"}, True, "queue"),
+        ({"input": "file:///etc/passwd"}, True, "input"),
+        ({"timeout": "9999"}, True, "timeout"),
+        ({}, False, "image"),
+    ],
+    ids=["effect", "margin", "queue", "input", "timeout", "no-image"],
+)
+def test_a_bad_upload_request_is_422_and_nothing_is_stored(
+    http: TestClient,
+    settings: Settings,
+    photo_bytes: dict[str, bytes],
+    fields: dict[str, str],
+    files: bool,
+    message: str,
+) -> None:
+    if files:
+        response = process(http, photo_bytes["chelsea"], **fields)
+    else:
+        response = http.post("/v1/process", data={"effect": "blur", "x": "y"}, headers=AUTH)
+    assert message in assert_error(response, 422, "invalid_request")["message"]
+    assert uploads(settings) == []
 
 
 def test_stats_count_the_jobs_by_status_and_queue(

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from producer import stats
-from producer.api import backfills, jobs, ops
+from producer.api import backfills, jobs, ops, process
 from producer.api.auth import BearerAuth
 from producer.api.deps import ApiState
 from producer.api.errors import add_error_handlers
@@ -78,7 +78,7 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, policy=_guard_policy(settings, auth))
     # Added last, so outermost: it also counts what the guard refuses.
     _add_request_metrics(app, metrics)
-    for router in (jobs.router, backfills.router, ops.router):
+    for router in (jobs.router, process.router, backfills.router, ops.router):
         app.include_router(router)
     return app
 
@@ -110,6 +110,7 @@ def _guard_policy(settings: Settings, auth: BearerAuth) -> GuardPolicy:
         body_limits={("POST", "/v1/jobs"): settings.api_max_body_bytes},
         authenticated=auth.accepts if settings.api_tokens else None,
         limiter=RateLimiter(settings.api_rate_limit_per_s, settings.api_rate_limit_burst),
+        streamed=frozenset({("POST", process.PATH)}),
     )
 
 

@@ -62,6 +62,17 @@ def status_for(exc: BackdropError) -> int:
     return next((status for kind, status in ERROR_STATUS if isinstance(exc, kind)), 500)
 
 
+def status_for_code(code: str) -> int:
+    """The status of a failed job's error code (the record keeps the code, not the error)."""
+    pending: list[type[BackdropError]] = [BackdropError]
+    while pending:
+        kind = pending.pop()
+        if kind.code == code:
+            return status_for(kind.__new__(kind))
+        pending += kind.__subclasses__()
+    return 500
+
+
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BackdropError, _backdrop_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]

@@ -13,17 +13,35 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer import client as client_module
 from producer.api.deps import Authenticated, ClientDep, SettingsDep, State
-from producer.errors import BatchTooLarge, InvalidRequest, JobNotFound
+from producer.client import Record
+from producer.errors import (
+    BatchTooLarge,
+    InputNotFound,
+    InvalidRequest,
+    JobNotFound,
+    OutputNotReady,
+)
+from producer.models import JobStatus
 from producer.request import JobRequest, parse_request
+from producer.storage import Storage, content_type_for
 
 # Job and backfill ids are uuid4 strings; anything else cannot name one.
 ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_CURSOR_LENGTH = 200
 THUMBNAIL_HEADERS = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+# Served as stored (our own encoder wrote them), so the page it might be opened as can run
+# nothing; a retry may replace the object, so no caching.
+OUTPUT_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+JOB_ID_HEADER = "Backdrop-Job-Id"
+MASK_CONTENT_TYPE = "image/png"
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authenticated)
 
@@ -121,6 +139,36 @@ def job_image(
         lambda: client.storage.read(location, max_bytes=settings.api_thumbnail_max_bytes),
     )
     return Response(thumbnail.data, media_type=thumbnail.media_type, headers=THUMBNAIL_HEADERS)
+
+
+@router.get(
+    "/{job_id}/output",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+def job_output(job_id: str, client: ClientDep, mask: bool = False) -> StreamingResponse:
+    """A succeeded job's output image as stored (`?mask=1`: its mask, a PNG), with its
+    format's Content-Type; 404 output_not_ready before it has succeeded."""
+    record = client.get(known_job_id(job_id))
+    if record["status"] != JobStatus.SUCCEEDED:
+        raise OutputNotReady(
+            f"job {job_id} is {record['status']}; its output comes once it succeeds"
+        )
+    if mask and record["mask_output"] is None:
+        raise OutputNotReady(f"job {job_id} saved no mask (it had no mask_output)")
+    return output_response(client.storage, record, mask=mask)
+
+
+def output_response(storage: Storage, record: Record, *, mask: bool = False) -> StreamingResponse:
+    """A succeeded job's output (or mask) streamed from storage, never held whole."""
+    location = record["mask_output"] if mask else record["output"]
+    media_type = MASK_CONTENT_TYPE if mask else content_type_for(record["params"]["format"])
+    try:
+        chunks = storage.stream(location)
+    except InputNotFound:
+        raise OutputNotReady(f"job {record['id']}'s output is no longer at {location}") from None
+    headers = {**OUTPUT_HEADERS, JOB_ID_HEADER: record["id"]}
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
 
 def parse_batch(body: Any, limit: int) -> list[JobRequest]:
