@@ -158,7 +158,9 @@ def main() -> None:
     import subprocess
     import tempfile
 
-    from tests.conftest import S3_TEST_CREDENTIALS, free_port, poll_until
+    from tests.support.network import free_port
+    from tests.support.polling import poll_until
+    from tests.support.services import S3_TEST_CREDENTIALS
     from tests.support.stack import build_stack
     from tests.support.weights import save_varying_mobilenet
 

@@ -33,7 +33,9 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.db import upgrade
-from tests.conftest import PG_ADMIN_URL, free_port, poll_until
+from tests.support.network import free_port
+from tests.support.polling import poll_until
+from tests.support.postgres import PG_ADMIN_URL
 
 TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

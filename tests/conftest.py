@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.network import free_port  # noqa: F401 (test_runner.py's import, until moved)
+from tests.support.polling import poll_until  # noqa: F401 (test_runner.py's import, until moved)
+from tests.support.postgres import PG_ADMIN_URL, postgres_reachable
+from tests.support.receiver import CALLBACK_SECRET
+from tests.support.required import require_service
+from tests.support.services import S3_TEST_CREDENTIALS, MotoServer
+from tests.support.session_redis import redis_url_for_tests  # noqa: F401 (test_runner.py's import, until moved)
+
 if TYPE_CHECKING:
     from producer.settings import Settings
     from tests.support.receiver import Receiver
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 SKIMAGE_DATA = Path(__import__("skimage").data.__file__).parent
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "motorcycle_left")
-
-
-def require_service(name: str, available: bool, detail: str = "") -> None:
-    """Skip a test whose service is missing on a laptop; fail it in CI, where it must run."""
-    if available:
-        return
-    message = f"{name} is not reachable{': ' + detail if detail else ''}"
-    if IN_CI:
-        pytest.fail(f"{message} (CI=true: integration tests must not skip)")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -43,21 +38,6 @@ def photo_bytes(photo_paths: dict[str, Path]) -> dict[str, bytes]:
 
 # --- databases ---------------------------------------------------------------------------
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def _postgres_reachable() -> bool:
-    from sqlalchemy import create_engine, text
-
-    try:
-        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
@@ -66,7 +46,7 @@ def postgres_url() -> Iterator[str]:
 
     from producer.db import upgrade
 
-    require_service("PostgreSQL", _postgres_reachable(), "127.0.0.1:5432")
+    require_service("PostgreSQL", postgres_reachable(), "127.0.0.1:5432")
     name = f"backdrop_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -102,104 +82,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         connection.execute(text("TRUNCATE jobs"))
 
 
-# --- polling, Redis, model weights ------------------------------------------------------
-
-
-def poll_until(condition: Callable[[], object], *, timeout: float, what: str) -> None:
-    """Wait for a condition with a deadline (never a bare sleep as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-
-
-def redis_url_for_tests() -> str:
-    """This test session's own Redis (see _session_redis_url), emptied first."""
-    import redis
-
-    url = _session_redis_url()
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    try:
-        client.flushdb()
-        available = True
-    except redis.RedisError:
-        available = False
-    require_service("Redis", available, url)
-    return url
-
-
-def _session_redis_url() -> str:
-    """A redis-server of this test session's own, on a free port, started on first use and
-    stopped when the session ends: two sessions on one machine (two CI runs on one host)
-    never see each other's messages, and flushing it can touch nobody else's data.
-
-    Kept in the environment under this process's id because this file is imported twice
-    (as pytest's `conftest` and as `tests.conftest`); a child process never inherits it."""
-    key = f"BACKDROP_TEST_REDIS_URL_{os.getpid()}"
-    if key not in os.environ:
-        os.environ[key] = _start_session_redis()
-    return os.environ[key]
-
-
-def _start_session_redis() -> str:
-    import atexit
-    import shutil
-    import subprocess
-    import tempfile
-
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    if shutil.which("redis-server") is None:
-        return url  # nothing answers there: require_service reports it
-    folder = tempfile.mkdtemp(prefix="backdrop-test-redis-")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", folder,
-         "--save", "", "--appendonly", "no", "--logfile", f"{folder}/redis.log"],
-        preexec_fn=_die_with_parent,
-    )  # fmt: skip
-
-    def stop() -> None:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(folder, ignore_errors=True)
-
-    atexit.register(stop)
-    poll_until(
-        lambda: server.poll() is not None or _answers_redis(url),
-        timeout=20,
-        what=f"the session's Redis at {url}",
-    )
-    return url  # if it exited at start, nothing answers there: require_service reports it
-
-
-def _answers_redis(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the test process dies, even killed (atexit
-    does not run then), so no server outlives its session."""
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def __getattr__(name: str) -> str:
-    # REDIS_TEST_URL resolves on first import of the name, so a session that never needs
-    # Redis never starts one.
-    if name == "REDIS_TEST_URL":
-        return _session_redis_url()
-    raise AttributeError(name)
+# --- model weights -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -216,72 +99,22 @@ def mobilenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- S3: moto's server as a real HTTP endpoint on loopback ------------------------------
 
-# Dummy credentials: moto accepts any, and a real profile on the machine must never be used.
-S3_TEST_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _answers_http(url: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url, timeout=1).close()
-    except urllib.error.HTTPError:
-        return True  # an error status is still an answer
-    except OSError:
-        return False
-    return True
-
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Yields the endpoint URL of a moto S3 server subprocess; AWS creds are set for the
     session. A subprocess (a Celery worker) gets the same via the `s3_env` fixture."""
-    import subprocess
-    import sys
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log_path.open("wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        poll_until(
-            lambda: server.poll() is not None or _answers_http(endpoint),
-            timeout=30,
-            what=f"moto S3 server at {endpoint}",
-        )
-        if server.poll() is not None:
-            pytest.fail(f"moto server exited at start:\n{log_path.read_text()[-2000:]}")
+        server.start()
         with pytest.MonkeyPatch.context() as env:
             for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
                 env.delenv(name, raising=False)
             for name, value in S3_TEST_CREDENTIALS.items():
                 env.setenv(name, value)
-            yield endpoint
+            yield server.endpoint
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -302,43 +135,7 @@ def s3_bucket(s3_server: str) -> str:
     return name
 
 
-# --- jobs driven through the worker's transitions, without a worker -----------------------
-
-
-def run_to_end(
-    url: str,
-    job_id: str,
-    *,
-    worker: str = "worker-test",
-    error: tuple[str, str] | None = None,
-    timings_ms: dict[str, float] | None = None,
-    input_size: tuple[int, int] = (8, 8),
-) -> None:
-    """Start a queued job and finish it: succeeded, or failed with `error` (code, message)."""
-    from producer import jobs
-    from producer.db import session_scope
-
-    with session_scope(url) as session:
-        attempt = jobs.start(session, job_id, worker, 60).attempts
-    with session_scope(url) as session:
-        if error:
-            jobs.fail(session, job_id, attempt, *error)
-        else:
-            jobs.succeed(
-                session,
-                job_id,
-                attempt,
-                model_name="deeplabv3_resnet101",
-                model_weights="w",
-                timings_ms=timings_ms or {},
-                input_size=input_size,
-                foreground_fraction=0.5,
-            )
-
-
 # --- callbacks: a real HTTP receiver on loopback ----------------------------------------
-
-CALLBACK_SECRET = "test-callback-secret"
 
 
 @pytest.fixture

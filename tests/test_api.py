@@ -30,8 +30,6 @@ from producer.broker import QUEUE_NAMES, make_celery
 from producer.db import session_scope
 from producer.errors import ApiMisconfigured
 from producer.settings import Settings
-from tests.conftest import free_port, poll_until
-from tests.conftest import run_to_end as finish_job
 from tests.support.api import (
     AUTH,
     OTHER_TOKEN,
@@ -40,6 +38,9 @@ from tests.support.api import (
     api_settings,
     location,
 )
+from tests.support.network import free_port
+from tests.support.polling import poll_until
+from tests.support.transitions import run_to_end as finish_job
 from worker.messages import check_envelope, check_task
 
 pytestmark = pytest.mark.integration

@@ -36,7 +36,9 @@ from producer.errors import BackfillUnreachable, InputNotFound
 from producer.models import Backfill, Job
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import S3_TEST_CREDENTIALS, poll_until, redis_url_for_tests
+from tests.support.polling import poll_until
+from tests.support.services import S3_TEST_CREDENTIALS, WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
 
 pytestmark = pytest.mark.integration
 
@@ -487,7 +489,6 @@ def test_a_real_worker_processes_a_small_backfill_end_to_end(
         s3_server, photo_bucket, {f"{prefix}{i:02d}.png": tiny_png(i, 48) for i in range(20)}
     )
     worker_env = {
-        **os.environ,
         **env,
         "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
         "BACKDROP_WEIGHTS": str(mobilenet_weights),
@@ -496,26 +497,11 @@ def test_a_real_worker_processes_a_small_backfill_end_to_end(
         "BACKDROP_MAX_BATCH": "4",
     }
     log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--queues", "bulk"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=worker_env,
-        )
-    try:
-        poll_until(
-            lambda: " ready." in log_path.read_text() or worker.poll() is not None,
-            timeout=120,
-            what="the worker to start",
-        )
+    with WorkerProcess(worker_env, log_path, concurrency=None, queues=["bulk"]):
         engine = BackfillRunner(
             Services(settings.model_copy(update={"model": "deeplabv3_mobilenet_v3_large"}))
         )
         record = run_backfill(engine, f"s3://{photo_bucket}/{prefix}", out, effect="desaturate")
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
 
     assert record["status"] == "completed", log_path.read_text()[-3000:]
     assert record["counts"]["succeeded"] == 20 and record["counts"]["failed"] == 0

@@ -13,7 +13,7 @@ from celery import Celery
 
 from producer import broker
 from producer.settings import Settings
-from tests.conftest import redis_url_for_tests
+from tests.support.session_redis import redis_url_for_tests
 from worker.messages import check_envelope, check_task
 
 pytestmark = pytest.mark.integration

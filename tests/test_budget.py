@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from producer.errors import InputTooLarge
 from producer.settings import Settings
-from tests.conftest import poll_until
+from tests.support.polling import poll_until
 from tests.support.stack import Stack, build_stack, small_photo
 from worker import budget
 from worker.budget import MB, Expired, MemoryBudget

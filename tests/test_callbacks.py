@@ -16,8 +16,7 @@ from producer import callbacks
 from producer.errors import InvalidRequest
 from producer.request import parse_request
 from producer.settings import Settings
-from tests.conftest import CALLBACK_SECRET
-from tests.support.receiver import Receiver
+from tests.support.receiver import CALLBACK_SECRET, Receiver
 
 RECORD = {"id": "2b0d3a52-4c8e-4d0c-9a57-0f1e4c1d2e3f", "status": "succeeded"}
 
@@ -238,7 +237,7 @@ def test_a_receiver_that_never_answers_is_cut_off_at_the_deadline(
 
 
 def test_an_unreachable_receiver_is_a_failed_attempt(callback_settings: Settings) -> None:
-    from tests.conftest import free_port
+    from tests.support.network import free_port
 
     port = free_port()
     listed = _settings(callback_settings, callback_allowed_hosts=[f"127.0.0.1:{port}"])

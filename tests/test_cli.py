@@ -24,7 +24,7 @@ from PIL import Image
 from producer.cli import cli
 from producer.db import upgrade
 from producer.settings import Settings
-from tests.conftest import free_port
+from tests.support.network import free_port
 from tests.support.services import WorkerProcess
 
 BACKDROP = Path(sys.executable).with_name("backdrop")

@@ -20,7 +20,7 @@ import yaml
 from jsonschema import Draft7Validator
 
 from producer.settings import Settings
-from tests.conftest import require_service
+from tests.support.required import require_service
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

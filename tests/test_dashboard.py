@@ -24,7 +24,9 @@ from producer.models import Backfill, Job
 from producer.request import JobRequest
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import poll_until, require_service, run_to_end
+from tests.support.polling import poll_until
+from tests.support.required import require_service
+from tests.support.transitions import run_to_end
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,11 @@ from producer.models import Job
 from producer.request import JobRequest
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import CALLBACK_SECRET, poll_until, redis_url_for_tests, run_to_end
-from tests.support.receiver import Receiver
+from tests.support.polling import poll_until
+from tests.support.receiver import CALLBACK_SECRET, Receiver
+from tests.support.services import WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
+from tests.support.transitions import run_to_end
 from worker.deliveries import Deliveries
 
 PREFIX = "s3://out/results"
@@ -285,12 +288,9 @@ def worker_settings(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch)
     return settings
 
 
-def _start_worker(env: dict[str, str], folder: Path):  # type: ignore[no-untyped-def]
-    from tests.support.services import WorkerProcess
-
+def _start_worker(env: dict[str, str], folder: Path) -> WorkerProcess:
     worker = WorkerProcess(env, folder / f"worker-{uuid.uuid4().hex[:6]}.log", concurrency=2)
-    worker.start().wait_ready()
-    return worker
+    return worker.start().wait_ready()
 
 
 @pytest.mark.integration
@@ -362,6 +362,67 @@ def test_what_a_dead_worker_left_undelivered_is_delivered_by_the_next_worker(
     assert sorted(r.path for r in got) == ["/held", "/owed"]
     assert {json.loads(r.body)["status"] for r in got} == {"succeeded", "failed"}
     assert len(worker_receiver.received) == before + 2
+
+
+@pytest.mark.integration
+def test_a_worker_sigkilled_after_finishing_a_job_still_gets_its_callback_delivered_once(
+    worker_env: dict[str, str],
+    worker_settings: Settings,
+    worker_receiver: Receiver,
+    photo_bytes: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    """A real crash: the receiver is down (answers 500) while the worker that finished the
+    job tries to deliver; that worker is SIGKILLed; once the receiver is back, a second
+    worker delivers the signed final record, exactly once. The retry's wait is skipped by
+    moving the job's due time in the database, not waited for."""
+    from producer.client import Client
+    from tests.support.stack import small_photo
+
+    client = Client(Services(worker_settings))
+    bucket = worker_env["BACKDROP_ALLOWED_BUCKETS"]
+    photo = f"s3://{bucket}/in/crash.png"
+    client.storage.write(photo, small_photo(photo_bytes["coffee"]), content_type="image/png")
+    worker_receiver.answer([500] * 100)
+    crashed = _start_worker(worker_env, tmp_path)
+    try:
+        job_id = client.submit({"input": photo, "callback_url": worker_receiver.url("/crash")})[
+            "id"
+        ]
+        first = _wait_attempts(worker_settings.database_url, job_id, 1)[0]
+        crashed.kill()
+    finally:
+        crashed.stop()
+    assert first["status_code"] == 500 and first["worker"] == crashed.name
+    assert _row(worker_settings.database_url, job_id).callback_delivered_at is None
+
+    worker_receiver.answer([])
+    with session_scope(worker_settings.database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(callback_due_at=outbox.now() - timedelta(seconds=1))
+        )
+    before = len(worker_receiver.received)
+    rescuer = _start_worker(worker_env, tmp_path)
+    try:
+        [got] = worker_receiver.wait_for(before + 1, timeout=120)[before:]
+        poll_until(
+            lambda: _row(worker_settings.database_url, job_id).callback_delivered_at is not None,
+            timeout=30,
+            what="the delivery recorded",
+        )
+    finally:
+        rescuer.stop()
+    assert len(worker_receiver.received) == before + 1
+    assert got.path == "/crash" and got.headers["Backdrop-Job-Id"] == job_id
+    assert callbacks.verify_signature(CALLBACK_SECRET, got.headers["Backdrop-Signature"], got.body)
+    record = _row(worker_settings.database_url, job_id).to_record()
+    final = {key: value for key, value in record.items() if key != "callbacks"}
+    assert json.loads(got.body) == final and final["status"] == "succeeded"
+    *failed, delivered = record["callbacks"]
+    assert {(a["status_code"], a["worker"]) for a in failed} == {(500, crashed.name)}
+    assert delivered["status_code"] == 200 and delivered["worker"] == rescuer.name
 
 
 def test_backdrop_callbacks_redeliver_owes_the_callback_again_and_status_shows_attempts(

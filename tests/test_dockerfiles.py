@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_service
+from tests.support.required import require_service
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((REPO / "infra").glob("*.Dockerfile"))

@@ -23,7 +23,7 @@ from producer.api import check_tokens
 from producer.broker import QUEUE_NAMES
 from producer.errors import ApiMisconfigured
 from producer.settings import Settings
-from tests.conftest import require_service
+from tests.support.required import require_service
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "infra" / "k8s"

@@ -12,7 +12,8 @@ from producer.db import session_scope
 from producer.leases import LeaseKeeper
 from producer.request import JobRequest
 from producer.settings import Settings
-from tests.conftest import REDIS_TEST_URL, poll_until, redis_url_for_tests
+from tests.support.polling import poll_until
+from tests.support.session_redis import REDIS_TEST_URL, redis_url_for_tests
 
 pytestmark = pytest.mark.integration
 

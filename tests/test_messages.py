@@ -28,8 +28,9 @@ from producer.db import session_scope, upgrade
 from producer.request import JobRequest
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import poll_until, redis_url_for_tests
+from tests.support.polling import poll_until
 from tests.support.services import WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
 from tests.support.stack import Stack, build_stack, small_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,8 +20,8 @@ from producer.metrics import (
     record_job,
     start_worker_metrics_server,
 )
-from tests.conftest import poll_until
 from tests.support.api import AUTH, TOKEN, api_app, api_settings, location
+from tests.support.polling import poll_until
 
 
 def scrape(http: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import poll_until
+from tests.support.polling import poll_until
 from tests.support.services import WorkerProcess
 from tests.support.stack import LEASE_S, MAX_ATTEMPTS, Stack, build_stack, small_photo
 

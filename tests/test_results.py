@@ -18,9 +18,10 @@ from PIL import Image
 
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import S3_TEST_CREDENTIALS, poll_until, redis_url_for_tests
 from tests.support.api import AUTH, TOKEN, api_app
-from tests.support.services import WorkerProcess
+from tests.support.polling import poll_until
+from tests.support.services import S3_TEST_CREDENTIALS, WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
 from tests.support.stack import small_photo
 
 pytestmark = pytest.mark.integration

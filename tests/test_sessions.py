@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import redis_url_for_tests
+from tests.support.session_redis import redis_url_for_tests
 
 pytestmark = pytest.mark.integration
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-OTHER_SESSION = "from tests.conftest import redis_url_for_tests; print(redis_url_for_tests())"
+OTHER_SESSION = (
+    "from tests.support.session_redis import redis_url_for_tests; print(redis_url_for_tests())"
+)
 
 
 def test_two_test_sessions_never_share_a_redis() -> None:

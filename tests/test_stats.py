@@ -19,8 +19,8 @@ from producer.models import Job
 from producer.request import JobRequest
 from producer.settings import Settings
 from producer.stats import collect, histogram_percentile, percentile, series
-from tests.conftest import run_to_end
 from tests.support.api import redis_broker_url
+from tests.support.transitions import run_to_end
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

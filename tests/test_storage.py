@@ -32,7 +32,7 @@ from producer.storage import (
     join,
     os_error,
 )
-from tests.conftest import free_port
+from tests.support.network import free_port
 
 PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 

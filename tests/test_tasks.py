@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -24,7 +23,9 @@ from producer.db import session_scope
 from producer.request import JobRequest
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import poll_until, redis_url_for_tests
+from tests.support.polling import poll_until
+from tests.support.services import WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
 
 pytestmark = pytest.mark.integration
 
@@ -83,28 +84,8 @@ def worker_process(
 ) -> Iterator[Path]:
     """A real `backdrop worker` subprocess; yields its log file."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {**os.environ, **pipeline_env}
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--concurrency", "6"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        poll_until(
-            lambda: " ready." in log_path.read_text() or process.poll() is not None,
-            timeout=120,
-            what="the worker to start",
-        )
-        assert process.poll() is None, log_path.read_text()
+    with WorkerProcess(pipeline_env, log_path, concurrency=6):
         yield log_path
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _upload(client: Client, bucket: str, key: str, data: bytes) -> str:

@@ -13,7 +13,8 @@ from producer.api import create_app
 from producer.broker import QUEUE_NAMES
 from producer.services import Services
 from producer.settings import Settings
-from tests.conftest import REDIS_TEST_URL, require_service
+from tests.support.required import require_service
+from tests.support.session_redis import REDIS_TEST_URL
 
 TOKEN = "alpha-token-0123456789abcdefghijklmnop"
 OTHER_TOKEN = "beta-token-9876543210zyxwvutsrqponm"

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# The secret the tests' deliveries are signed with (settings.callback_secret).
+CALLBACK_SECRET = "test-callback-secret"
+
 
 @dataclass(frozen=True)
 class Received:

@@ -7,7 +7,9 @@ stopped and restarted by their process ids (never the shared servers at :5432 an
 - PostgresServer: a PostgreSQL 15 cluster of its own with fsync on, run as the `postgres`
   user; stopped cleanly (fast shutdown) or crashed (SIGKILL to the postmaster: crash recovery
   at the next start).
-- WorkerProcess: a real `backdrop worker` (Celery) subprocess that can be SIGKILLed.
+- MotoServer: moto's S3 server as a real HTTP endpoint on loopback (dummy credentials).
+- WorkerProcess: a real `backdrop worker` (Celery) subprocess, the one way tests and bench
+  scripts start a worker: stopped warm (SIGTERM) or crashed (SIGKILL).
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 
-from tests.conftest import free_port, poll_until
+from tests.support.network import answers_http, free_port
+from tests.support.polling import poll_until
+
+# Dummy credentials: moto accepts any, and a real profile on the machine must never be used.
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -33,14 +44,6 @@ def _wait_for_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> Non
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 class RedisServer:
@@ -230,23 +233,63 @@ class PostgresServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class MotoServer:
+    """moto's S3 server on a free loopback port; its log in `log_path` (or discarded)."""
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MotoServer:
+        log = self.log_path.open("wb") if self.log_path else subprocess.DEVNULL
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        try:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            if not isinstance(log, int):
+                log.close()
+        process = self.process
+        poll_until(
+            lambda: process.poll() is not None or answers_http(self.endpoint),
+            timeout=30,
+            what=f"moto S3 server at {self.endpoint}",
+        )
+        if process.poll() is not None:
+            log_text = self.log_path.read_text()[-2000:] if self.log_path else ""
+            raise RuntimeError(f"moto server exited at start:\n{log_text}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            _wait_for_exit(self.process, timeout=10)
+        self.process = None
+
+
 class WorkerProcess:
     """A real `backdrop worker` subprocess; its Celery process id is also its job owner id.
 
-    `module`: what runs `backdrop worker` (tests.support.model_gate runs it with a gate in front of
-    the model)."""
+    `env`: BACKDROP_* (and more) over this process's environment; `queues`: the worker's
+    --queues (default: its own); `module`: what runs `backdrop worker`
+    (tests.support.model_gate runs it with a gate in front of the model). Its output goes
+    to `log_path`, which `log()` reads. As a context manager: started and ready inside,
+    stopped warm on the way out."""
 
     def __init__(
         self,
         env: Mapping[str, str],
         log_path: Path,
         *,
-        concurrency: int = 4,
+        concurrency: int | None = 4,
+        queues: Sequence[str] = (),
         module: str = "producer.cli",
     ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
+        self.queues = tuple(queues)
         self.module = module
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -260,24 +303,22 @@ class WorkerProcess:
         """What jobs.start records in `worker` (worker.tasks.worker_name)."""
         return f"{socket.gethostname()}:{self.pid}"
 
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", self.module, "worker"]
+        if self.concurrency is not None:
+            argv += ["--concurrency", str(self.concurrency)]
+        if self.queues:
+            argv += ["--queues", ",".join(self.queues)]
+        return argv
+
     def start(self) -> WorkerProcess:
         with self.log_path.open("a") as log_file:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    self.module,
-                    "worker",
-                    "--concurrency",
-                    str(self.concurrency),
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self.env,
+                self.argv(), stdout=log_file, stderr=subprocess.STDOUT, env=self.env
             )
         return self
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120) -> WorkerProcess:
         poll_until(
             lambda: (
                 self.process is None or self.process.poll() is not None or " ready." in self.log()
@@ -286,6 +327,22 @@ class WorkerProcess:
             what="the worker to start",
         )
         assert self.alive, f"worker exited at start:\n{self.log()[-3000:]}"
+        return self
+
+    def __enter__(self) -> WorkerProcess:
+        try:
+            return self.start().wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     @property
     def alive(self) -> bool:
@@ -306,14 +363,11 @@ class WorkerProcess:
         os.kill(self.process.pid, signal.SIGTERM)
 
     def stop(self) -> None:
+        """Warm shutdown (SIGTERM), waited for; SIGKILL if it takes over a minute."""
         if self.alive:
             self.terminate()
             assert self.process is not None
             _wait_for_exit(self.process, timeout=60)
-
-
-def accepts_connections(port: int) -> bool:
-    return _accepts(port)
 
 
 def _stat(pid: int | str) -> list[str] | None:

@@ -26,10 +26,10 @@ from producer.models import Job, JobStatus
 from producer.services import Services
 from producer.settings import Settings
 from producer.storage import Storage
-from tests.conftest import S3_TEST_CREDENTIALS, poll_until
 from tests.support.faulty_s3 import FaultyS3
 from tests.support.model_gate import GATE_ENV, ModelGate
-from tests.support.services import PostgresServer, RedisServer, WorkerProcess
+from tests.support.polling import poll_until
+from tests.support.services import S3_TEST_CREDENTIALS, PostgresServer, RedisServer, WorkerProcess
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
