@@ -22,7 +22,6 @@ import io
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,14 +44,11 @@ from producer.db import session_scope, upgrade
 from producer.models import Backfill, Job
 from producer.services import Services
 from producer.settings import Settings
+from tests.support.polling import poll_until
+from tests.support.postgres import PG_ADMIN_URL
+from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/13"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def png(seed: int, size: int) -> bytes:
@@ -71,14 +67,6 @@ def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
         )
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def submitted(settings: Settings, backfill_id: str) -> int:
     with session_scope(settings.database_url) as session:
         return session.scalar(select(Backfill.submitted).where(Backfill.id == backfill_id)) or 0
@@ -91,7 +79,9 @@ def submission_rate(engine: BackfillRunner, source: str, out: str, total: int, l
     stop = threading.Event()
     completer = threading.Thread(target=complete_jobs, args=(engine.settings, out, stop))
     completer.start()
-    wait_for(lambda: submitted(engine.settings, created["id"]) >= total, 600, "submission")
+    poll_until(
+        lambda: submitted(engine.settings, created["id"]) >= total, timeout=600, what="submission"
+    )
     elapsed = time.perf_counter() - started
     engine.cancel(created["id"])
     stop.set()
@@ -147,23 +137,18 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--skip-rate", action="store_true", help="only the latency runs")
     args = parser.parse_args()
-    os.environ.update(CREDENTIALS)
+    os.environ.update(S3_TEST_CREDENTIALS)
     work = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
-    port = 5000 + os.getpid() % 1000
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    moto = MotoServer()
+    endpoint = moto.endpoint
     database = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{database}"'))
     worker = None
     try:
+        moto.start()
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        wait_for(lambda: _answers(s3), 30, "moto")
         bucket = "bench"
         s3.create_bucket(Bucket=bucket)
         redis.Redis.from_url(REDIS_URL).flushdb()
@@ -210,13 +195,8 @@ def main() -> None:
         # The rate runs were canceled with their messages still in `bulk`: drop them, or the
         # worker spends the latency run discarding thousands of canceled jobs' messages.
         redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker"],
-            env={**os.environ, **env},
-            stdout=(work / "worker.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: " ready." in (work / "worker.log").read_text(), 180, "worker start")
+        worker = WorkerProcess(env, work / "worker.log", concurrency=None)
+        worker.start().wait_ready(timeout=180)
         client = Client(Services(settings))
         probe = f"s3://{bucket}/probe.png"
         s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
@@ -229,7 +209,9 @@ def main() -> None:
         )
         started = time.perf_counter()
         runner = engine.start_in_thread(created["id"])
-        wait_for(lambda: submitted(settings, created["id"]) > 0, 60, "backfill start")
+        poll_until(
+            lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
+        )
         busy = latency_probes(client, probe, args.probes)
         in_flight = engine.get(created["id"])["counts"]["in_flight"]
         print(
@@ -248,23 +230,14 @@ def main() -> None:
         )
     finally:
         if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=60)
-        moto.terminate()
+            worker.stop()
+        moto.stop()
         shutil.rmtree(work, ignore_errors=True)
         from producer.db import get_engine
 
         get_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}").dispose()
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-
-
-def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        s3.list_buckets()
-        return True
-    except Exception:
-        return False
 
 
 if __name__ == "__main__":

@@ -155,12 +155,10 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
 
 
 def main() -> None:
-    import subprocess
+    import os
     import tempfile
 
-    from tests.support.network import free_port
-    from tests.support.polling import poll_until
-    from tests.support.services import S3_TEST_CREDENTIALS
+    from tests.support.services import S3_TEST_CREDENTIALS, MotoServer
     from tests.support.stack import build_stack
     from tests.support.weights import save_varying_mobilenet
 
@@ -169,40 +167,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
 
-    import os
-
     os.environ.update(S3_TEST_CREDENTIALS)
     folder = Path(tempfile.mkdtemp(prefix="backdrop-load-"))
     # Lively weights: masks vary with the photo, so refinement does its full work.
     weights = save_varying_mobilenet(folder / "mobilenet-random.pth")
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    moto = MotoServer()
     stack = None
     try:
-        import socket
-
-        def moto_up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            except OSError:
-                return False
-            return True
-
-        poll_until(moto_up, timeout=30, what="moto")
-        stack = build_stack(folder, endpoint, weights, **LOAD_ENV)
+        moto.start()
+        stack = build_stack(folder, moto.endpoint, weights, **LOAD_ENV)
         stack.start_workers(1)
         figures = run_load(stack, args.jobs, timeout=args.timeout)
         print("\n".join(figures.lines()))
     finally:
         if stack is not None:
             stack.close()
-        moto.terminate()
-        moto.wait(timeout=10)
+        moto.stop()
 
 
 # The worker's settings under load: bigger batches, the smallest model input.

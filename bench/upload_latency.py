@@ -20,7 +20,6 @@ import argparse
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,21 +37,16 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.interactive_latency import (
-    CREDENTIALS,
-    PG_ADMIN,
-    REDIS_URL,
-    _answers,
-    submitted,
-    summary,
-    wait_for,
-    write_weights,
-)
+from bench.interactive_latency import REDIS_URL, submitted, summary, write_weights
 from producer.api import create_app
 from producer.backfill import BackfillRunner
 from producer.db import upgrade
 from producer.services import Services
 from producer.settings import Settings
+from tests.support.network import free_port
+from tests.support.polling import poll_until
+from tests.support.postgres import PG_ADMIN_URL
+from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
 
 TOKEN = "bench-upload-token-0123456789abcdef"
 
@@ -94,7 +88,7 @@ def serve(settings: Settings, port: int) -> uvicorn.Server:
     app = create_app(Services(settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
-    wait_for(lambda: server.started, 30, "the API")
+    poll_until(lambda: server.started, timeout=30, what="the API")
     return server
 
 
@@ -104,23 +98,18 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=300)
     parser.add_argument("--megapixels", type=float, default=2.0)
     args = parser.parse_args()
-    os.environ.update(CREDENTIALS)
+    os.environ.update(S3_TEST_CREDENTIALS)
     work = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
-    port = 5000 + os.getpid() % 1000
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    moto = MotoServer()
+    endpoint = moto.endpoint
     database = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{database}"'))
     worker = server = None
     try:
+        moto.start()
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        wait_for(lambda: _answers(s3), 30, "moto")
         bucket = "bench"
         s3.create_bucket(Bucket=bucket)
         redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
@@ -144,14 +133,9 @@ def main() -> None:
         print(f"probe photo: {args.megapixels} MP JPEG, {len(image)} bytes", flush=True)
         for i in range(args.photos):
             s3.put_object(Bucket=bucket, Key=f"photos/{i:04d}.jpg", Body=photo(i + 1, 2.0))
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker"],
-            env={**os.environ, **env},
-            stdout=(work / "worker.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: " ready." in (work / "worker.log").read_text(), 180, "worker start")
-        api_port = port + 1
+        worker = WorkerProcess(env, work / "worker.log", concurrency=None)
+        worker.start().wait_ready(timeout=180)
+        api_port = free_port()
         server = serve(settings, api_port)
         base = f"http://127.0.0.1:{api_port}"
         probes(base, image, 2)  # warm-up: model load, first connections
@@ -165,7 +149,9 @@ def main() -> None:
             {"effect": "blur", "fail_on_no_subject": False},
         )
         runner = engine.start_in_thread(created["id"])
-        wait_for(lambda: submitted(settings, created["id"]) > 0, 60, "backfill start")
+        poll_until(
+            lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
+        )
         busy = probes(base, image, args.probes)
         in_flight = engine.get(created["id"])["counts"]["in_flight"]
         print(f"POST /v1/process, during a {args.photos}-photo backfill: {summary(busy)}")
@@ -177,9 +163,8 @@ def main() -> None:
         if server is not None:
             server.should_exit = True
         if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=60)
-        moto.terminate()
+            worker.stop()
+        moto.stop()
         shutil.rmtree(work, ignore_errors=True)
         from producer.db import get_engine
 
