@@ -19,42 +19,33 @@ from pydantic import ValidationError
 from producer.errors import (
     AccessDenied,
     BackdropError,
+    BackfillCanceled,
+    BackfillPaused,
     BackgroundNotFound,
     DeviceUnavailable,
     InputNotFound,
+    Interrupted,
     InvalidRequest,
+    InvalidSettings,
     InvalidTransition,
+    JobsFailed,
+    PhotosFailed,
+    WaitTimedOut,
 )
+from producer.formats import OutputFormat
+from producer.jobtable import format_table
 from producer.locations import FILE_SCHEME, real_path
 from producer.models import JobStatus
 from producer.outputs import STDIO, format_for, plan_outputs
-from producer.request import FOREGROUND_CLASSES, Crop, Effect, OutputFormat, Queue
+from producer.request import FOREGROUND_CLASSES, Crop, Effect, JobRequest, Queue
 from producer.settings import ModelName, configure, get_settings
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 # After this long still queued, `submit --wait` says whether any worker is there to take it.
 NO_WORKER_WARNING_S = 5.0
-# The job fields each command sets: the same names as the Python API and the HTTP JSON.
-JOB_FIELDS = (
-    "effect",
-    "background",
-    "blur_strength",
-    "classes",
-    "output",
-    "format",
-    "jpeg_quality",
-    "mask_output",
-    "mask",
-    "idempotency_key",
-    "queue",
-    "fail_on_no_subject",
-    "overwrite",
-    "crop",
-    "margin",
-    "size",
-    "callback_url",
-)
+# The job fields commands set, as flags of the same names (a test holds `submit` to them all).
+JOB_FIELDS = tuple(name for name in JobRequest.model_fields if name != "input")
 DEVICES = ("auto", "cpu", "cuda")
 device_option = click.option(
     "--device",
@@ -85,11 +76,12 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except BackdropError as exc:
-            _fail(exc.code, exc.message)
+            interrupted = isinstance(exc, Interrupted)
+            _fail(exc.code, exc.message, EXIT_INTERRUPTED if interrupted else EXIT_FAILED)
         except ValidationError as exc:
-            _fail("invalid_settings", settings_problem(exc))
-        except TimeoutError as exc:
-            _fail("timeout", str(exc))
+            _fail(InvalidSettings.code, settings_problem(exc))
+        except TimeoutError as exc:  # the client's wait
+            _fail(WaitTimedOut.code, str(exc))
 
     return wrapper
 
@@ -274,7 +266,7 @@ def process(
                 click.echo(f"\n{pair.input}: {exc.code}: {exc.message}", err=True)
     click.echo(f"{len(pairs) - failed} of {len(pairs)} photos written to {output}")
     if failed:
-        _fail("photos_failed", f"{failed} of {len(pairs)} photos failed (listed above)")
+        raise PhotosFailed(f"{failed} of {len(pairs)} photos failed (listed above)")
 
 
 def _progress_bar(pairs: list[Any]) -> Any:
@@ -365,18 +357,16 @@ def _wait_for(client: Any, record: dict[str, Any], timeout: float) -> dict[str, 
             (record,) = client.wait([job_id], timeout=left)
         except TimeoutError:
             status = client.get(job_id)["status"]
-            raise TimeoutError(
+            raise WaitTimedOut(
                 f"job {job_id} is still {status} after {timeout:.0f}s; it stays {status}: "
                 f"backdrop status {job_id}"
             ) from None
         return record
     except KeyboardInterrupt:
-        _fail(
-            "interrupted",
+        raise Interrupted(
             f"stopped waiting; job {job_id} goes on: backdrop status {job_id} "
-            f"(or backdrop cancel {job_id})",
-            EXIT_INTERRUPTED,
-        )
+            f"(or backdrop cancel {job_id})"
+        ) from None
 
 
 def _no_worker_hint(client: Any, queue: str) -> str:
@@ -506,22 +496,6 @@ def jobs_command(status_filter: str | None, output: str | None, limit: int, as_j
     click.echo(format_table(records))
 
 
-def format_table(records: list[dict[str, Any]], labels: list[str] | None = None) -> str:
-    """One line per job; `labels` (one per record) replace the effect column's words."""
-    shown = labels or [r["effect"] for r in records]
-    width = max([10, *(len(label) for label in shown)])
-    header = f"{'id':36}  {'status':9}  {'effect':{width}}  {'ms':>7}  {'error':24}  input"
-    lines = [header, "-" * len(header)]
-    for r, label in zip(records, shown, strict=True):
-        total = sum((r["timings_ms"] or {}).values())
-        error = (r["error"] or {}).get("code", "")
-        lines.append(
-            f"{r['id']:36}  {r['status']:9}  {label:{width}}  {total:7.0f}  {error:24}  "
-            + r["input"]
-        )
-    return "\n".join(lines)
-
-
 @cli.command()
 @click.argument("job_id", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="retry every failed job")
@@ -626,11 +600,9 @@ def backfill(
         record = engine.run(resume_id, progress)
     except KeyboardInterrupt:
         progress.close()
-        _fail(
-            "interrupted",
-            f"backfill {resume_id} paused; continue with: backdrop backfill --resume {resume_id}",
-            EXIT_INTERRUPTED,
-        )
+        raise Interrupted(
+            f"backfill {resume_id} paused; continue with: backdrop backfill --resume {resume_id}"
+        ) from None
     progress.close()
     if as_json:
         _print_json(record)
@@ -648,18 +620,16 @@ def _folder_location(value: str | None) -> str | None:
 
 def _backfill_outcome(record: dict[str, Any]) -> None:
     if record["status"] == "canceled":
-        _fail("canceled", f"backfill {record['id']} was canceled")
+        raise BackfillCanceled(f"backfill {record['id']} was canceled")
     if record["status"] == "paused":
-        _fail(
-            "paused",
-            f"backfill {record['id']} is paused: backdrop backfill --resume {record['id']}",
+        raise BackfillPaused(
+            f"backfill {record['id']} is paused: backdrop backfill --resume {record['id']}"
         )
     failed = record["counts"]["failed"]
     if failed:
         total = record["counts"]["submitted"]
-        _fail(
-            "jobs_failed",
-            f"{failed} of {total} photos failed; their errors: {_shown_location(record['report'])}",
+        raise JobsFailed(
+            f"{failed} of {total} photos failed; their errors: {_shown_location(record['report'])}"
         )
 
 

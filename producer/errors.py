@@ -130,3 +130,55 @@ class DeviceUnavailable(PermanentError):
     """The requested device (e.g. --device cuda) is not on this host."""
 
     code = "device_unavailable"
+
+
+# Outcomes of CLI commands, never a job's: the code on the `code: message` line a command
+# prints on stderr as it exits non-zero.
+
+
+class InvalidSettings(PermanentError):
+    """A BACKDROP_* environment variable does not validate."""
+
+    code = "invalid_settings"
+
+
+class WaitTimedOut(BackdropError):
+    """A command stopped waiting for a job that is not final yet (the job goes on)."""
+
+    code = "timeout"
+
+
+class Interrupted(BackdropError):
+    """Ctrl-C stopped a command's waiting; the job or backfill goes on (or is paused)."""
+
+    code = "interrupted"
+
+
+class PhotosFailed(PermanentError):
+    """`backdrop process`: some of several photos failed (each listed with its code)."""
+
+    code = "photos_failed"
+
+
+class JobsFailed(PermanentError):
+    """A backfill ended with failed photos (listed in its report)."""
+
+    code = "jobs_failed"
+
+
+class BackfillCanceled(PermanentError):
+    """The backfill a command ran was canceled."""
+
+    code = "canceled"
+
+
+class BackfillPaused(PermanentError):
+    """The backfill a command ran was paused; --resume continues it."""
+
+    code = "paused"
+
+
+class DemoFailed(BackdropError):
+    """`backdrop demo` could not run its flow end to end."""
+
+    code = "demo_failed"

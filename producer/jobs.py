@@ -42,11 +42,11 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 from producer import outbox
 from producer.db import rowcount
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
+from producer.formats import OutputFormat
 from producer.locations import canonical_prefix
 from producer.models import Job, JobStatus
 from producer.request import JobRequest
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "avif": "avif"}
 # Rows or ids per statement: well under the bound-parameter limits of SQLite and PostgreSQL.
 STATEMENT_CHUNK = 2000
 JOBS = Job.metadata.tables["jobs"]
@@ -82,7 +82,7 @@ def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
 
 
 def default_output(output_prefix: str, job_id: str, fmt: str) -> str:
-    return f"{output_prefix.rstrip('/')}/{job_id}.{EXTENSIONS[fmt]}"
+    return f"{output_prefix.rstrip('/')}/{job_id}.{OutputFormat(fmt).extension}"
 
 
 def _row(request: JobRequest, output_prefix: str, created_at: datetime) -> dict[str, Any]:

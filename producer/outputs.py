@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producer.errors import InputNotFound, InvalidRequest
-from producer.request import OutputFormat
+from producer.formats import OutputFormat, choices
 
 STDIO = "-"
 # What a folder input contributes: the photo formats the workers decode.
 PHOTO_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif", ".avif"}
 )
-_ALIASES = {"jpg": "jpeg"}
 
 
 @dataclass(frozen=True)
@@ -25,25 +24,18 @@ class Pair:
     format: str
 
 
-def extension(fmt: str) -> str:
-    return "jpg" if fmt == OutputFormat.JPEG else fmt
-
-
 def format_for(output: str, fmt: str | None) -> str:
     """The format an output file gets: its extension's, which a conflicting --format or an
     extension that is no image format refuse; a name without one (or stdout) takes --format."""
     suffix = Path(output).suffix.lower().lstrip(".") if output != STDIO else ""
     if not suffix:
         if fmt is None and output != STDIO:
-            raise InvalidRequest(
-                f"{output} has no extension: name it .png, .jpg, .webp or .avif, or give --format"
-            )
+            raise InvalidRequest(f"{output} has no extension: {choices()}, or give --format")
         return fmt or OutputFormat.PNG.value
-    formats = {f.value for f in OutputFormat}
-    by_suffix = _ALIASES.get(suffix, suffix)
-    if by_suffix not in formats:
-        choices = ", ".join(sorted({f".{extension(f)}" for f in formats}))
-        raise InvalidRequest(f"{output}: .{suffix} is not an output format; use {choices}")
+    try:
+        by_suffix = OutputFormat(suffix).value
+    except ValueError:
+        raise InvalidRequest(f"{output}: .{suffix} is not an output format; {choices()}") from None
     if fmt is not None and fmt != by_suffix:
         raise InvalidRequest(f"--format {fmt} conflicts with the extension of {output}")
     return by_suffix
@@ -74,7 +66,9 @@ def plan_outputs(inputs: tuple[str, ...], output: str, fmt: str | None) -> list[
     for path, name in named:
         stem = Path(name).with_suffix("")
         kept = name if stems[str(stem)] > 1 else str(stem)
-        pairs.append(Pair(str(path), str(Path(output) / f"{kept}.{extension(fmt)}"), fmt))
+        pairs.append(
+            Pair(str(path), str(Path(output) / f"{kept}.{OutputFormat(fmt).extension}"), fmt)
+        )
     return pairs
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from producer import callbacks, locations
 from producer.errors import BackdropError, InvalidRequest
+from producer.formats import OutputFormat
 from producer.settings import get_settings
 
 # Pascal VOC labels in the order of the DeepLabV3 output channels (index 0 is background).
@@ -49,7 +50,8 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 FOREGROUND_CLASSES: tuple[str, ...] = VOC_CLASSES[1:]
 
-_HEX_COLOUR = re.compile(r"#[0-9A-Fa-f]{6}")
+# A `remove` background colour, #RRGGBB; the groups are its red, green and blue.
+HEX_COLOUR = re.compile(r"#([0-9A-Fa-f]{2})([0-9A-Fa-f]{2})([0-9A-Fa-f]{2})")
 MAX_CLASSES = 100
 _CANVAS_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
 # A canvas side beyond this is no marketplace image, and its buffers would cost gigabytes.
@@ -93,13 +95,6 @@ class Effect(StrEnum):
     DESATURATE = "desaturate"
 
 
-class OutputFormat(StrEnum):
-    PNG = "png"
-    JPEG = "jpeg"
-    WEBP = "webp"
-    AVIF = "avif"
-
-
 class Crop(StrEnum):
     NONE = "none"
     SUBJECT = "subject"
@@ -135,11 +130,6 @@ class JobRequest(BaseModel):
     crop: Crop = Crop.NONE
     margin: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.05
     size: Annotated[str, Strict()] | None = None
-
-    @field_validator("format", mode="before")
-    @classmethod
-    def _jpg_alias(cls, value: object) -> object:
-        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
 
     @field_validator("size")
     @classmethod
@@ -191,7 +181,7 @@ class JobRequest(BaseModel):
             object.__setattr__(self, "background", background)
         elif self.effect == Effect.REMOVE:
             background = self.background or "#FFFFFF"
-            if background != "transparent" and not _HEX_COLOUR.fullmatch(background):
+            if background != "transparent" and not HEX_COLOUR.fullmatch(background):
                 raise ValueError("background for 'remove' must be #RRGGBB or 'transparent'")
             if background == "transparent" and self.format == OutputFormat.JPEG:
                 raise ValueError("format 'jpeg' cannot hold a transparent background")

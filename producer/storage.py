@@ -34,8 +34,8 @@ from producer.errors import (
     InputTooLarge,
     InvalidRequest,
     StorageUnavailable,
-    UnsupportedFormat,
 )
+from producer.formats import OutputFormat
 from producer.locations import (
     FILE_SCHEME,
     S3_SCHEME,
@@ -67,14 +67,6 @@ S3_MAX_POOL_CONNECTIONS = 32
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 _USERINFO = re.compile(r"://[^/@\s]+@")
-
-_CONTENT_TYPES = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "jpg": "image/jpeg",
-    "webp": "image/webp",
-    "avif": "image/avif",
-}
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 _DENIED_CODES = {
@@ -120,10 +112,8 @@ def join(prefix: str, name: str) -> str:
 
 
 def content_type_for(fmt: str) -> str:
-    try:
-        return _CONTENT_TYPES[fmt.lower()]
-    except KeyError:
-        raise UnsupportedFormat(f"no content type for format {fmt!r}") from None
+    """An output format's content type (unsupported_format for any other name)."""
+    return OutputFormat.of(fmt).content_type
 
 
 def _redact(text: str) -> str:

@@ -21,8 +21,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from producer.cli import cli
+from producer.cli import JOB_FIELDS, cli
 from producer.db import upgrade
+from producer.request import JobRequest
 from producer.settings import Settings
 from tests.support.network import free_port
 from tests.support.services import WorkerProcess
@@ -138,6 +139,13 @@ def test_options_a_command_would_ignore_are_not_offered(command: str, refused: l
     assert "--jpeg-quality" in offered
 
 
+def test_submit_offers_one_flag_per_job_field_and_no_other_job_flag() -> None:
+    submit = cli.commands["submit"]
+    own = {"input_location", "wait", "timeout", "as_json"}
+    flags = {param.name.removesuffix("_") for param in submit.params if param.name not in own}
+    assert flags == set(JobRequest.model_fields) - {"input"} == set(JOB_FIELDS)
+
+
 def test_version_prints_the_package_version(env: dict[str, str], here: Path) -> None:
     shown = run(["--version"], env, here)
     assert shown.returncode == 0 and re.fullmatch(r"backdrop, version \S+\n", shown.stdout)
@@ -161,7 +169,7 @@ def test_version_prints_the_package_version(env: dict[str, str], here: Path) -> 
         (
             ["process", "a.jpg", "o.png", "--effect", "replace", "--background", "notes.txt"],
             {},
-            "invalid_image: background: not an image",
+            "invalid_image: background image: not an image",
         ),
     ],
 )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import worker.tasks
+import worker.local
 from producer.errors import BackgroundNotFound
 from producer.outputs import Pair
 from producer.settings import Settings
@@ -28,7 +28,7 @@ def encoded(fmt: str, colour: tuple[int, int, int] = (200, 40, 30)) -> bytes:
 @pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
 def test_phone_formats_heic_and_avif_decode_to_their_size_and_colour(fmt: str) -> None:
     decoded = decode_image(encoded(fmt), **LIMITS)
-    assert decoded.size == (64, 48) and decoded.source_format == fmt
+    assert decoded.rgb.shape == (48, 64, 3) and decoded.source_format == fmt
     assert np.abs(decoded.rgb.astype(int) - (200, 40, 30)).mean() < 12
 
 
@@ -47,8 +47,13 @@ def test_many_photos_share_one_model_load(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loads = []
-    real_load = worker.tasks.load_segmenter
-    monkeypatch.setattr(worker.tasks, "load_segmenter", lambda s: loads.append(s) or real_load(s))
+    real_load = worker.local.load_segmenter
+
+    def counted_load(settings: Settings, **kwargs: object) -> object:
+        loads.append(settings)
+        return real_load(settings, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.local, "load_segmenter", counted_load)
     pairs = []
     for i, fmt in enumerate(["JPEG", "PNG", "HEIF"]):
         source = tmp_path / f"{i}.{fmt.lower()}"
@@ -72,6 +77,6 @@ def test_a_missing_background_is_named_as_the_background(
         settings, {"effect": "replace", "background": str(tmp_path / "gone.jpg")}
     )
     with pytest.raises(
-        BackgroundNotFound, match=r"^background_not_found: background .*gone\.jpg does not exist"
+        BackgroundNotFound, match=r"^background_not_found: background: .*gone\.jpg does not exist"
     ):
         processor.process(Pair(str(source), str(tmp_path / "out.png"), "png"))

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from producer.request import JobRequest
 from worker import pipeline
 from worker.imageio import DecodedImage
 from worker.matting import TorchBackend
@@ -29,14 +28,7 @@ def backends(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 def _alpha(device: torch.device | None) -> None:
     photo = DecodedImage(rgb=np.zeros((8, 8, 3), np.uint8), icc_profile=None, source_format="PNG")
-    request = JobRequest(input="s3://bucket/in.jpg")
-    pipeline.alpha_for(
-        photo,
-        request,
-        pipeline.Timings(),
-        segment=lambda rgb, classes: np.full((4, 4), 0.5, np.float32),
-        device=device,
-    )
+    pipeline.refined(photo, np.full((4, 4), 0.5, np.float32), pipeline.Timings(), device=device)
 
 
 def test_a_gpu_worker_solves_the_matte_on_its_device(backends: list[Any]) -> None:

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 from producer.errors import InputNotFound, StorageUnavailable, WeightsUnavailable
-from worker.weights import check_weights, load_model, resolve_weights, weights_identity
+from producer.settings import ModelName
+from worker.weights import MODELS, check_weights, load_model, resolve_weights, weights_identity
 
 MOBILENET = "deeplabv3_mobilenet_v3_large"
 PUBLISHED_MOBILENET_FILE = "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
@@ -55,6 +57,10 @@ def named_by_hash(state: dict[str, torch.Tensor], folder: Path, prefix: str | No
 
 
 # --- loading -------------------------------------------------------------------------------
+
+
+def test_every_model_settings_accept_has_an_architecture_and_no_other() -> None:
+    assert list(MODELS) == list(get_args(ModelName))
 
 
 def test_a_published_style_file_loads_strictly_and_the_aux_head_is_dropped(

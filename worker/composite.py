@@ -14,14 +14,13 @@ gives the background's pixel exactly, with no float64 copies of a 12 MP photo.
 from __future__ import annotations
 
 import math
-import re
 
 import cv2
 import numpy as np
 
 from producer.errors import InvalidRequest
+from producer.request import HEX_COLOUR
 
-_HEX_COLOUR = re.compile(r"^#([0-9A-Fa-f]{2})([0-9A-Fa-f]{2})([0-9A-Fa-f]{2})$")
 # Blur sigma at strength 1, as a share of the image diagonal (so thumbnails look alike).
 BLUR_SIGMA_FRACTION = 0.02
 # Blurs wider than this many pixels are computed at a reduced scale where sigma is this wide:
@@ -35,7 +34,7 @@ _WEIGHT_GUARD = 1e-3
 
 def parse_colour(hex_colour: str) -> tuple[int, int, int]:
     """'#RRGGBB' → (r, g, b)."""
-    match = _HEX_COLOUR.match(hex_colour.strip()) if isinstance(hex_colour, str) else None
+    match = HEX_COLOUR.fullmatch(hex_colour.strip()) if isinstance(hex_colour, str) else None
     if match is None:
         raise InvalidRequest(f"background colour must be #RRGGBB, got {hex_colour!r}")
     red, green, blue = (int(part, 16) for part in match.groups())
@@ -122,16 +121,24 @@ def background_blur(
         _take_out_subject(weighted, image, foreground, alpha)
     weighted = _shrink(weighted, small_w, small_h).astype(np.float32) * (1 / 255)
     weight_small = _shrink(weight, small_w, small_h).astype(np.float32) * (1 / 255)
-    plain = _shrink(image, small_w, small_h).astype(np.float32)
     small_sigma = sigma * scale
-    numerator = cv2.GaussianBlur(weighted, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT)
-    denominator = cv2.GaussianBlur(weight_small, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT)
-    plain = cv2.GaussianBlur(plain, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT)
+    numerator: np.ndarray = cv2.GaussianBlur(
+        weighted, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT
+    )
+    denominator: np.ndarray = cv2.GaussianBlur(
+        weight_small, (0, 0), small_sigma, borderType=cv2.BORDER_REFLECT
+    )
+    plain = cv2.GaussianBlur(
+        _shrink(image, small_w, small_h).astype(np.float32),
+        (0, 0),
+        small_sigma,
+        borderType=cv2.BORDER_REFLECT,
+    )
     # (num + g·plain) / (den + g): num/den where there is background, plain blur where none.
     numerator += _WEIGHT_GUARD * plain
     denominator += _WEIGHT_GUARD
     blurred = numerator / denominator[:, :, None]
-    result = np.clip(blurred + 0.5, 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(blurred + 0.5, 0, 255).astype(np.uint8)
     if (small_w, small_h) != (width, height):
         result = cv2.resize(result, (width, height), interpolation=cv2.INTER_LINEAR)
     return result

@@ -21,7 +21,8 @@ import numpy as np
 
 from producer.client import Client
 from producer.db import upgrade
-from producer.errors import BackdropError
+from producer.errors import DemoFailed
+from producer.jobtable import format_table
 from producer.models import JobStatus
 from producer.services import Services
 from producer.settings import Settings
@@ -59,10 +60,6 @@ COLUMNS = (
 )
 THUMB = 220
 HEADER = 32
-
-
-class DemoFailed(BackdropError):
-    code = "demo_failed"
 
 
 def sample_photos() -> Path:
@@ -106,8 +103,6 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
             records = _submit_and_wait(client, inputs, run_id, worker, worker_log, echo)
         finally:
             _stop(worker)
-    from producer.cli import format_table
-
     echo(format_table(records, labels=[label for _ in PHOTOS for label, _ in EFFECTS]))
     sheet = _contact_sheet(records, inputs, output_dir)
     succeeded = sum(r["status"] == JobStatus.SUCCEEDED for r in records)

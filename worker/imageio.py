@@ -19,6 +19,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
 from producer.errors import InputTooLarge, InvalidImage, InvalidRequest, UnsupportedFormat
+from producer.formats import OutputFormat
 from producer.settings import PngCompression, get_settings
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ _ACCEPTED_LIST = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, TIFF, BMP, GIF"
 MAX_ASPECT_RATIO = 100
 
 _ICC_COLOUR_SPACE = slice(16, 20)  # the data colour space signature in an ICC header
-_ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 _WEBP_MAX_SIDE = 16383
 # Chroma subsampling smears colour across the hard edges a cutout has; above this quality
 # the caller asked for fidelity, so keep full chroma (4:4:4), else 4:2:0 for size.
@@ -63,11 +63,6 @@ class DecodedImage:
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous, EXIF orientation already applied
     icc_profile: bytes | None  # an RGB ICC profile to embed in the output, else None
     source_format: str  # Pillow format name, e.g. "JPEG", "PNG"
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height), the order the job record's input_size uses."""
-        return self.rgb.shape[1], self.rgb.shape[0]
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_bytes: int) -> DecodedImage:
@@ -108,9 +103,12 @@ def encode_image(
     RGBA is straight (not premultiplied) alpha. `png_compression` defaults to the process's
     BACKDROP_PNG_COMPRESSION setting.
     """
-    pil_format = _ENCODE_FORMATS.get(fmt.lower())
-    if pil_format is None:
-        raise InvalidRequest(f"cannot encode format {fmt!r}; choose png, jpeg, webp or avif")
+    try:
+        pil_format = OutputFormat(fmt).encoder
+    except ValueError:
+        raise InvalidRequest(
+            f"cannot encode format {fmt!r}; choose png, jpeg, webp or avif"
+        ) from None
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected (H, W, 3|4) uint8 pixels, got {pixels.shape} {pixels.dtype}")
     if pixels.shape[2] == 4 and pil_format == "JPEG":
@@ -154,7 +152,7 @@ def encode_mask(alpha: np.ndarray) -> bytes:
 
 def _fast_png(pixels: np.ndarray, icc_profile: bytes | None) -> bytes:
     """fpng's PNG, with the ICC profile (which fpng cannot write) spliced in after IHDR."""
-    png = fpng.from_ndarray(np.ascontiguousarray(pixels))
+    png: bytes = fpng.from_ndarray(np.ascontiguousarray(pixels))
     if not icc_profile:
         return png
     # The iCCP chunk: a profile name, a NUL, compression method 0 (zlib), the deflated profile.

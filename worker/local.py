@@ -5,33 +5,61 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from producer.errors import BackdropError, BackgroundNotFound, InputNotFound
+import numpy as np
+
+from producer.errors import InputNotFound
 from producer.locations import FILE_SCHEME, real_path
 from producer.outputs import STDIO, Pair
-from producer.request import Effect, JobRequest, parse_request
+from producer.request import Effect, parse_request
 from producer.settings import Settings
-from worker.imageio import decode_image, decode_mask
-from worker.pipeline import Segment, Timings, alpha_for, render
+from producer.storage import Storage
+from worker.pipeline import Imaging, Reader, Timings, store
+from worker.segmenter import Segmenter, load_segmenter
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
 
 log = logging.getLogger(__name__)
-# The location a request names for a photo read from stdin (nothing is read through it).
+# The location a request names for a photo read from stdin (never opened as a file).
 STDIN_LOCATION = "file:///dev/stdin"
 
 
-def _read(path: Path, missing: type[InputNotFound] | type[BackgroundNotFound], what: str) -> bytes:
+def _location(path: str | Path) -> str:
+    return Path(path).resolve().as_uri()
+
+
+def read_local(location: str) -> bytes:
+    """A file:// location's bytes."""
+    path = real_path(location)
     try:
         return path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise missing(f"{what} {path} does not exist") from None
+        raise InputNotFound(f"{path} does not exist") from None
 
 
-def _local_path(value: str) -> Path:
-    return real_path(value) if value.startswith(FILE_SCHEME) else Path(value)
+def _with_stdin_at(stdin_location: str) -> Reader:
+    """read_local, but stdin's bytes for the (canonicalised) location standing for stdin."""
+
+    def read(location: str) -> bytes:
+        return sys.stdin.buffer.read() if location == stdin_location else read_local(location)
+
+    return read
+
+
+def write_local(output: str, data: bytes, _content_type: str) -> None:
+    """A file (its folder created), or stdout for '-'."""
+    if output == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 class LocalProcessor:
@@ -40,78 +68,43 @@ class LocalProcessor:
     def __init__(self, settings: Settings, fields: dict[str, Any]) -> None:
         self._settings = settings
         self._fields = dict(fields)
-        self._limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
-        self._segment: Segment | None = None
-        self._background: Any = None
-        self._background_path: Path | None = None
-        if self._fields.get("effect") == Effect.REPLACE and self._fields.get("background"):
-            self._background_path = _local_path(self._fields["background"]).resolve()
-            self._fields["background"] = self._background_path.as_uri()
+        self._segmenter: Segmenter | None = None
+        self._imaging = Imaging(
+            self._segment,
+            device=self._device,
+            max_pixels=settings.max_pixels,
+            max_bytes=settings.max_input_bytes,
+        )
+        background = self._fields.get("background")
+        if self._fields.get("effect") == Effect.REPLACE and background:
+            path = real_path(background) if background.startswith(FILE_SCHEME) else background
+            self._fields["background"] = _location(path)
 
     def process(
         self, pair: Pair, *, mask_file: Path | None = None, save_mask: Path | None = None
     ) -> dict[str, float]:
         """Process one photo into its output; returns the stage timings in ms."""
-        source = STDIN_LOCATION if pair.input == STDIO else Path(pair.input).resolve().as_uri()
-        request = parse_request({**self._fields, "format": pair.format, "input": source})
+        fields = {
+            **self._fields,
+            "format": pair.format,
+            "input": STDIN_LOCATION if pair.input == STDIO else _location(pair.input),
+        }
+        if mask_file is not None:
+            fields["mask"] = _location(mask_file)
+        request = parse_request(fields)
+        read = read_local if pair.input != STDIO else _with_stdin_at(request.input)
         timings = Timings()
-        with timings.stage("decode"):
-            data = (
-                sys.stdin.buffer.read()
-                if pair.input == STDIO
-                else _read(Path(pair.input), InputNotFound, "input")
-            )
-            photo = decode_image(data, **self._limits)
-            coarse = None
-            if mask_file is not None:
-                with _named("mask"):
-                    coarse = decode_mask(_read(mask_file, InputNotFound, "mask"), **self._limits)
-            background = self._background_for(request)
-        segment = None if coarse is not None else self._segmenter()
-        alpha = alpha_for(photo, request, timings, segment=segment, coarse_mask=coarse)  # type: ignore[arg-type]
-        rendered = render(
-            photo, alpha, request, timings, background=background, want_mask=bool(save_mask)
-        )
-        _write(pair.output, rendered.image)
-        if save_mask is not None and rendered.mask is not None:
-            _write(str(save_mask), rendered.mask)
+        rendered = self._imaging.process(request, read, timings, want_mask=save_mask is not None)
+        mask_output = None if save_mask is None else str(save_mask)
+        store(rendered, write_local, output=pair.output, mask_output=mask_output, fmt=pair.format)
         log.info("processed %s in %s", pair.input, timings.ms)
         return timings.ms
 
-    def _background_for(self, request: JobRequest) -> Any:
-        if request.effect != Effect.REPLACE or self._background_path is None:
-            return None
-        if self._background is None:
-            data = _read(self._background_path, BackgroundNotFound, "background")
-            with _named("background"):
-                self._background = decode_image(data, **self._limits).rgb
-        return self._background
+    def _segment(self, rgb: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        if self._segmenter is None:
+            fetch = Storage(self._settings).download_file
+            self._segmenter = load_segmenter(self._settings, fetch=fetch)
+        return self._segmenter.predict([rgb], [classes])[0]
 
-    def _segmenter(self) -> Segment:
-        if self._segment is None:
-            from worker.tasks import load_segmenter
-
-            segmenter = load_segmenter(self._settings)
-            self._segment = lambda rgb, classes: segmenter.predict([rgb], [classes])[0]
-        return self._segment
-
-
-@contextmanager
-def _named(what: str) -> Iterator[None]:
-    """Say which file a decoding error is about: the photo's are plain, others say so."""
-    try:
-        yield
-    except BackdropError as exc:
-        if exc.message.startswith(what):
-            raise
-        raise type(exc)(f"{what}: {exc.message}") from None
-
-
-def _write(output: str, data: bytes) -> None:
-    if output == STDIO:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    def _device(self) -> torch.device | None:
+        return None if self._segmenter is None else self._segmenter.device

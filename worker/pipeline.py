@@ -1,24 +1,26 @@
-"""One job's imaging, from decoded photo and soft mask to encoded output.
+"""One job's imaging: fetch, decode, mask, refine, composite, frame and encode, then store.
 
-`backdrop process` and the Celery task both run this, so the local command shows exactly
-what the workers produce.
+The Celery task and `backdrop process` both run this one path, each with its own reader and
+writer, so the local command shows exactly what the workers produce. The task adds only what
+a shared worker needs around it (ownership, leases, a memory budget, CPU slots, recording).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from producer.errors import NoSubject
+from producer.errors import BackgroundNotFound, InputNotFound, NoSubject, PermanentError
+from producer.formats import MASK_FORMAT, OutputFormat
 from producer.request import Effect, JobRequest
-from worker import composite
+from worker import composite, crop
 from worker.foreground import estimate_foreground
-from worker.imageio import DecodedImage, encode_image, encode_mask
+from worker.imageio import DecodedImage, decode_image, decode_mask, encode_image, encode_mask
 from worker.matting import TorchBackend
 from worker.refine import refine_mask
 
@@ -29,6 +31,13 @@ if TYPE_CHECKING:
 NO_SUBJECT_FRACTION = 0.001
 
 Segment = Callable[[np.ndarray, Sequence[int]], np.ndarray]
+# The bytes at a location; InputNotFound when there is nothing there.
+Reader = Callable[[str], bytes]
+# Stores bytes at a location with their content type.
+Writer = Callable[[str, bytes, str], None]
+# The model's device once it is loaded (None: not loaded, or no model): refinement and the
+# colour estimate run there too when it is a GPU.
+Device = Callable[[], "torch.device | None"]
 
 
 @dataclass
@@ -45,24 +54,119 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """A job's images as fetched, still compressed."""
+
+    photo: bytes
+    mask: bytes | None
+    background: bytes | None
+
+
+@dataclass(frozen=True)
 class Rendered:
     image: bytes
     mask: bytes | None
     foreground_fraction: float
+    input_size: tuple[int, int]  # the photo's (width, height), as the job record has it
 
 
-def alpha_for(
-    photo: DecodedImage,
-    request: JobRequest,
-    timings: Timings,
-    *,
-    segment: Segment,
-    coarse_mask: np.ndarray | None = None,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Full-resolution alpha: the model's soft mask (or a supplied coarse one), refined."""
-    soft = soft_mask(photo, request, timings, segment=segment, coarse_mask=coarse_mask)
-    return refined(photo, soft, timings, device=device)
+@contextmanager
+def named(what: str) -> Iterator[None]:
+    """A bad mask or background names itself: the user must know which file was wrong."""
+    try:
+        yield
+    except PermanentError as exc:
+        raise type(exc)(f"{what}: {exc.message}") from None
+
+
+def fetch(request: JobRequest, read: Reader) -> Inputs:
+    """The photo, and the mask and background the request names."""
+    background = None
+    if request.effect == Effect.REPLACE:
+        try:
+            background = read(request.background or "")
+        except InputNotFound as exc:
+            raise BackgroundNotFound(f"background: {exc.message}") from None
+    mask = None
+    if request.mask is not None:
+        with named("mask"):
+            mask = read(request.mask)
+    return Inputs(photo=read(request.input), mask=mask, background=background)
+
+
+class Imaging:
+    """Runs jobs' imaging with one model, the pixel limits and (in a worker) CPU slots.
+
+    `cpu` gives a context held while a job decodes, refines, composites and encodes, but not
+    while it waits for the model: a job waiting for its batch must not keep a core's slot
+    from one that has its mask (see worker/threadplan.py)."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        *,
+        device: Device,
+        max_pixels: int,
+        max_bytes: int,
+        cpu: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
+        self._segment = segment
+        self._device = device
+        self._limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
+        self._cpu = cpu
+
+    def process(
+        self,
+        request: JobRequest,
+        read: Reader,
+        timings: Timings,
+        *,
+        want_mask: bool,
+        admit: Callable[[Inputs], AbstractContextManager[object]] = nullcontext,
+    ) -> Rendered:
+        """Fetch and render one job. `admit` is entered once the inputs are fetched (a
+        worker's memory reservation, sized from their headers) and held until the decoded
+        arrays are gone."""
+        with timings.stage("download"):
+            inputs = fetch(request, read)
+        with admit(inputs):
+            return self.render_inputs(inputs, request, timings, want_mask=want_mask)
+
+    def render_inputs(
+        self, inputs: Inputs, request: JobRequest, timings: Timings, *, want_mask: bool
+    ) -> Rendered:
+        """Decode, mask, refine, composite, frame and encode fetched inputs."""
+        with self._cpu(), timings.stage("decode"):
+            photo = decode_image(inputs.photo, **self._limits)
+            coarse = background = None
+            if inputs.mask is not None:
+                with named("mask image"):
+                    coarse = decode_mask(inputs.mask, **self._limits)
+            if inputs.background is not None:
+                with named("background image"):
+                    background = decode_image(inputs.background, **self._limits).rgb
+        soft = soft_mask(photo, request, timings, segment=self._segment, coarse_mask=coarse)
+        device = self._device()
+        with self._cpu():
+            alpha = refined(photo, soft, timings, device=device)
+            return render(
+                photo,
+                alpha,
+                request,
+                timings,
+                background=background,
+                want_mask=want_mask,
+                device=device,
+            )
+
+
+def store(
+    rendered: Rendered, write: Writer, *, output: str, mask_output: str | None, fmt: str
+) -> None:
+    """Write the image (and the mask, where one was rendered and a place given for it)."""
+    write(output, rendered.image, OutputFormat(fmt).content_type)
+    if rendered.mask is not None and mask_output is not None:
+        write(mask_output, rendered.mask, MASK_FORMAT.content_type)
 
 
 def soft_mask(
@@ -130,8 +234,9 @@ def render(
     want_mask: bool = False,
     device: torch.device | None = None,
 ) -> Rendered:
-    """Composite and encode. A GPU `device` (the segmenter's) also takes the colour estimate,
-    which on a CPU runs faster in OpenCV on the edge band alone."""
+    """Composite, frame and encode. A GPU `device` (the segmenter's) also takes the colour
+    estimate, which on a CPU runs faster in OpenCV on the edge band alone."""
+    # Judged on the whole photo's alpha: a crop must not make a speck look like a subject.
     fraction = foreground_fraction(alpha)
     if request.fail_on_no_subject and fraction < NO_SUBJECT_FRACTION:
         raise NoSubject(
@@ -145,9 +250,20 @@ def render(
         foreground = estimate_foreground(photo.rgb, alpha, device=on_device)
     with timings.stage("composite"):
         pixels = apply_effect(photo.rgb, foreground, alpha, request, background)
+    with timings.stage("frame"):
+        framed = crop.frame_for(request, pixels, alpha)
     with timings.stage("encode"):
         image = encode_image(
-            pixels, request.format, quality=request.jpeg_quality, icc_profile=photo.icc_profile
+            framed.pixels,
+            request.format,
+            quality=request.jpeg_quality,
+            icc_profile=photo.icc_profile,
         )
-        mask = encode_mask(alpha) if want_mask else None
-    return Rendered(image=image, mask=mask, foreground_fraction=round(fraction, 5))
+        mask = encode_mask(framed.alpha) if want_mask else None
+    height, width = photo.rgb.shape[:2]
+    return Rendered(
+        image=image,
+        mask=mask,
+        foreground_fraction=round(fraction, 5),
+        input_size=(width, height),
+    )

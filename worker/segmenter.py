@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from producer.settings import Settings
 from worker.weights import NUM_CLASSES, Fetch, load_model, resolve_weights, weights_identity
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,25 @@ class Segmenter:
         # NHWC viewed as NCHW is already channels_last in memory, which the model wants.
         batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
         batch = batch.to(self._dtype).contiguous(memory_format=torch.channels_last)
-        features = self._model.backbone(batch)["out"]
-        logits = self._model.classifier(features).float().contiguous()
+        # torchvision's DeepLabV3 holds these as untyped submodules.
+        backbone: nn.Module = self._model.backbone  # type: ignore[assignment]
+        classifier: nn.Module = self._model.classifier  # type: ignore[assignment]
+        features = backbone(batch)["out"]
+        logits = classifier(features).float().contiguous()
         logits = F.interpolate(logits, size=canvas.shape[1:3], mode="bilinear", align_corners=False)
         return logits.softmax(dim=1)
+
+
+def load_segmenter(settings: Settings, fetch: Fetch | None = None) -> Segmenter:
+    """The configured model on the configured device; `fetch` downloads BACKDROP_WEIGHTS
+    when it names a location in storage."""
+    return Segmenter.load(
+        settings.model,
+        weights=settings.weights,
+        device=settings.device,
+        input_size=settings.model_input_size,
+        fetch=fetch,
+    )
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

@@ -8,10 +8,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.signals import worker_process_init, worker_ready
@@ -19,27 +17,22 @@ from celery.signals import worker_process_init, worker_ready
 from producer import jobs, metrics
 from producer.broker import MAX_RETRY_DELAY_S, TASK_NAME, get_celery
 from producer.db import session_scope
-from producer.errors import (
-    BackdropError,
-    BackgroundNotFound,
-    DatabaseUnavailable,
-    InputNotFound,
-    PermanentError,
-    TransientError,
-    WorkerLost,
-)
+from producer.errors import BackdropError, DatabaseUnavailable, TransientError, WorkerLost
 from producer.leases import LeaseKeeper
 from producer.logs import job_context
 from producer.models import Job
-from producer.request import Effect, JobRequest, parse_request
+from producer.request import JobRequest, parse_request
 from producer.settings import Settings, get_settings
-from producer.storage import Storage, content_type_for, get_storage
+from producer.storage import Storage, get_storage
 from worker import budget, messages
 from worker.batcher import Batcher
-from worker.imageio import decode_image, decode_mask, image_size
-from worker.pipeline import Rendered, Timings, refined, render, soft_mask
-from worker.segmenter import Segmenter
+from worker.imageio import image_size
+from worker.pipeline import Imaging, Inputs, Timings, named, store
+from worker.segmenter import Segmenter, load_segmenter
 from worker.threadplan import CpuSlots, cores, plan_threads
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -50,6 +43,7 @@ _batcher_lock = threading.Lock()
 _leases: LeaseKeeper | None = None
 _budget: budget.MemoryBudget | None = None
 _cpu_slots: CpuSlots | None = None
+_imaging: Imaging | None = None
 
 
 class Superseded(Exception):
@@ -60,16 +54,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def load_segmenter(settings: Settings) -> Segmenter:
-    return Segmenter.load(
-        settings.model,
-        weights=settings.weights,
-        device=settings.device,
-        input_size=settings.model_input_size,
-        fetch=get_storage().download_file,
-    )
-
-
 def get_batcher() -> Batcher:
     """The process's one batcher; its thread builds the model on first use."""
     global _batcher
@@ -77,7 +61,7 @@ def get_batcher() -> Batcher:
         if _batcher is None:
             settings = get_settings()
             _batcher = Batcher(
-                lambda: load_segmenter(settings),
+                lambda: load_segmenter(settings, fetch=get_storage().download_file),
                 max_batch=settings.max_batch,
                 max_wait_ms=settings.max_wait_ms,
             )
@@ -122,26 +106,6 @@ def _warm_up(**_: Any) -> None:
     get_budget()
 
 
-def _read_image_input(storage: Storage, location: str, settings: Settings, what: str) -> bytes:
-    try:
-        return storage.read(location, max_bytes=settings.max_input_bytes)
-    except InputNotFound as exc:
-        if what == "background":
-            raise BackgroundNotFound(exc.message) from None
-        if what == "mask":
-            raise InputNotFound(f"mask: {exc.message}") from None
-        raise
-
-
-@contextmanager
-def _about(what: str) -> Iterator[None]:
-    """A bad mask or background names itself: the user must know which file was wrong."""
-    try:
-        yield
-    except PermanentError as exc:
-        raise type(exc)(f"{what}: {exc.message}") from None
-
-
 # How long a worker keeps trying to record a finished job's outcome while the database is
 # unreachable (a PostgreSQL restart takes seconds). Past it the attempt gives up; the job is
 # still not lost: its lease runs out and the reaper requeues it.
@@ -163,45 +127,51 @@ def request_of(job: Job) -> JobRequest:
     )
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """A job's downloaded images, still compressed."""
+def get_imaging() -> Imaging:
+    """The process's imaging path, on its batched model and CPU slots."""
+    global _imaging
+    batcher, slots, settings = get_batcher(), get_cpu_slots(), get_settings()
+    with _batcher_lock:
+        if _imaging is None:
+            _imaging = Imaging(
+                batcher.segment,
+                device=lambda: _device(batcher),
+                max_pixels=settings.max_pixels,
+                max_bytes=settings.max_input_bytes,
+                cpu=slots.hold,
+            )
+        return _imaging
 
-    photo: bytes
-    mask: bytes | None
-    background: bytes | None
+
+def _device(batcher: Batcher) -> torch.device | None:
+    segmenter = batcher.segmenter
+    return segmenter.device if isinstance(segmenter, Segmenter) else None
 
 
-def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) -> dict[str, Any]:
+def process(job: Job, settings: Settings, storage: Storage, imaging: Imaging) -> dict[str, Any]:
     """Run one job's work; returns what the succeeded record needs."""
     started = time.monotonic()
     request = request_of(job)
     timings = Timings()
-    with timings.stage("download"):
-        inputs = Inputs(
-            photo=_read_image_input(storage, request.input, settings, "input"),
-            mask=(
-                _read_image_input(storage, request.mask, settings, "mask") if request.mask else None
-            ),
-            background=(
-                _read_image_input(storage, request.background or "", settings, "background")
-                if request.effect == Effect.REPLACE
-                else None
-            ),
-        )
-    try:
-        reservation = get_budget().reserve(
-            memory_need(inputs, settings),
-            timeout=settings.job_timeout_s - (time.monotonic() - started),
-            what="this photo",
-        )
-    except budget.Expired as exc:
-        # The lease keeper stops renewing the attempt at the same moment: the job is retried.
-        raise Superseded(f"{exc}, past BACKDROP_JOB_TIMEOUT_S") from None
-    with reservation:
-        # Every decoded array is gone once _image returns, before the memory is released.
-        rendered, (width, height) = _image(inputs, request, settings, batcher, timings)
-    segmenter = batcher.segmenter
+
+    def admit(inputs: Inputs) -> budget.Reservation:
+        try:
+            return get_budget().reserve(
+                memory_need(inputs, settings),
+                timeout=settings.job_timeout_s - (time.monotonic() - started),
+                what="this photo",
+            )
+        except budget.Expired as exc:
+            # The lease keeper stops renewing the attempt at the same moment: it is retried.
+            raise Superseded(f"{exc}, past BACKDROP_JOB_TIMEOUT_S") from None
+
+    rendered = imaging.process(
+        request,
+        lambda location: storage.read(location, max_bytes=settings.max_input_bytes),
+        timings,
+        want_mask=request.mask_output is not None,
+        admit=admit,
+    )
     with session_scope(settings.database_url) as session:
         # Only the attempt that owns the job writes its output: a worker that lost its lease
         # (it stalled, and the job was handed on) must not write over its successor's work.
@@ -212,14 +182,21 @@ def process(job: Job, settings: Settings, storage: Storage, batcher: Batcher) ->
         jobs.check_overwrite(job, overwrite=request.overwrite, exists=storage.exists)
         jobs.own_outputs(session, job.id, job.attempts)
     with timings.stage("upload"):
-        storage.write(job.output, rendered.image, content_type=content_type_for(request.format))
-        if rendered.mask is not None and request.mask_output:
-            storage.write(request.mask_output, rendered.mask, content_type="image/png")
+        store(
+            rendered,
+            lambda location, data, content_type: storage.write(
+                location, data, content_type=content_type
+            ),
+            output=job.output,
+            mask_output=request.mask_output,
+            fmt=request.format,
+        )
+    segmenter = None if request.mask else get_batcher().segmenter
     return {
-        "model_name": segmenter.name if inputs.mask is None else None,
-        "model_weights": segmenter.weights_id if inputs.mask is None else None,
+        "model_name": segmenter.name if segmenter else None,
+        "model_weights": segmenter.weights_id if segmenter else None,
         "timings_ms": timings.ms,
-        "input_size": (width, height),
+        "input_size": rendered.input_size,
         "foreground_fraction": rendered.foreground_fraction,
     }
 
@@ -230,45 +207,12 @@ def memory_need(inputs: Inputs, settings: Settings) -> int:
     photo = image_size(inputs.photo, **limits)
     mask = background = None
     if inputs.mask is not None:
-        with _about("mask image"):
+        with named("mask image"):
             mask = image_size(inputs.mask, **limits)
     if inputs.background is not None:
-        with _about("background image"):
+        with named("background image"):
             background = image_size(inputs.background, **limits)
     return budget.need_bytes(photo, mask=mask, background=background)
-
-
-def _image(
-    inputs: Inputs, request: JobRequest, settings: Settings, batcher: Batcher, timings: Timings
-) -> tuple[Rendered, tuple[int, int]]:
-    """Decode, segment, refine, composite and encode; the rendered bytes and the photo's size."""
-    limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_input_bytes}
-    cpu = get_cpu_slots()
-    # The imaging holds a CPU slot, the model call does not: a job waiting for its batch
-    # must not keep a core's slot from a job that has its mask (see worker/threadplan.py).
-    with cpu.hold(), timings.stage("decode"):
-        photo = decode_image(inputs.photo, **limits)
-        coarse = background = None
-        if inputs.mask is not None:
-            with _about("mask image"):
-                coarse = decode_mask(inputs.mask, **limits)
-        if inputs.background is not None:
-            with _about("background image"):
-                background = decode_image(inputs.background, **limits).rgb
-    device = batcher.segmenter.device
-    soft = soft_mask(photo, request, timings, segment=batcher.segment, coarse_mask=coarse)
-    with cpu.hold():
-        alpha = refined(photo, soft, timings, device=device)
-        rendered = render(
-            photo,
-            alpha,
-            request,
-            timings,
-            background=background,
-            want_mask=request.mask_output is not None,
-            device=device,
-        )
-    return rendered, photo.size
 
 
 class RetryLater(Exception):
@@ -305,7 +249,7 @@ def _execute(job_id: str, settings: Settings) -> None:
     leases = get_leases()
     leases.hold(job_id, attempt)
     try:
-        result = process(job, settings, get_storage(), get_batcher())
+        result = process(job, settings, get_storage(), get_imaging())
     except Superseded as exc:
         log.warning("%s; stopping without writing", exc)
         return
@@ -375,13 +319,15 @@ def backoff_seconds(retries: int) -> float:
 
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
-def process_job(self: Task, job_id: str) -> None:
+def process_job(self: Task[[str], None], job_id: str) -> None:
     settings = get_settings()
     with job_context(job_id):
         try:
             execute(job_id)
         except RetryLater as later:
-            raise self.retry(countdown=later.countdown, exc=later.__cause__) from None
+            cause = later.__cause__
+            retry = cause if isinstance(cause, Exception) else None
+            raise self.retry(countdown=later.countdown, exc=retry) from None
         except TransientError as exc:  # before the job could start, e.g. database down
             if self.request.retries + 1 >= settings.max_attempts:
                 raise  # the job stays queued; the lease keeper re-publishes it

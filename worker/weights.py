@@ -18,12 +18,13 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import torch
 from torchvision.models import segmentation
 
 from producer.errors import TransientError, WeightsUnavailable
+from producer.settings import ModelName
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class ModelSpec:
         return _url_file_name(self.url)
 
 
-MODELS: dict[str, ModelSpec] = {
+# One spec per name of the registry that settings validates against (settings.ModelName).
+MODELS: dict[ModelName, ModelSpec] = {
     "deeplabv3_resnet101": ModelSpec(
         segmentation.deeplabv3_resnet101,
         segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -65,12 +67,11 @@ MODELS: dict[str, ModelSpec] = {
         segmentation.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
     ),
 }
-DEFAULT_MODEL = "deeplabv3_resnet101"
 
 
 def model_spec(model_name: str) -> ModelSpec:
     try:
-        return MODELS[model_name]
+        return MODELS[model_name]  # type: ignore[index]  # a str from the CLI or a test
     except KeyError:
         known = ", ".join(MODELS)
         raise WeightsUnavailable(f"unknown model {model_name!r}; choose one of {known}") from None
@@ -187,10 +188,17 @@ def verify_hash_prefix(path: Path, name: str | None = None) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as source:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
+        return _stream_sha256(source)
+
+
+def _stream_sha256(source: BinaryIO, copy_to: BinaryIO | None = None) -> str:
+    """The sha256 of a stream read to its end in 1 MiB chunks, each also written to `copy_to`."""
+    digest = hashlib.sha256()
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
     return digest.hexdigest()
 
 
@@ -223,15 +231,11 @@ def _download_verified(url: str, target: Path, hash_prefix: str) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        digest = hashlib.sha256()
         with (
             os.fdopen(fd, "wb") as out,
             urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response,
         ):
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        actual = digest.hexdigest()
+            actual = _stream_sha256(response, copy_to=out)
         if not actual.startswith(hash_prefix):
             raise _HashMismatch(f"sha256 {actual[:12]}… does not start with {hash_prefix}")
         os.replace(partial, target)
@@ -383,11 +387,7 @@ def weights_identity(path: Path) -> str:
         cached = _identities.get(key)
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while chunk := source.read(1 << 20):
-            digest.update(chunk)
-    identity = f"{path.name}@sha256:{digest.hexdigest()[:12]}"
+    identity = f"{path.name}@sha256:{_sha256(path)[:12]}"
     with _identities_lock:
         _identities[key] = identity
     return identity

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from producer import jobs
 from producer.backfill.source import Item
 from producer.errors import InvalidRequest
+from producer.formats import OutputFormat
 from producer.models import JobStatus
 from producer.request import JobRequest, Queue, parse_request
 from producer.storage import join
@@ -65,7 +66,7 @@ def template_request(options: dict[str, Any]) -> JobRequest:
 def output_for(output_prefix: str, relative: str, fmt: str) -> str:
     """Deterministic per photo, so a re-run or resume never writes a second output for it;
     distinct per photo, so two photos never share one (see the module's docstring)."""
-    extension = f".{jobs.EXTENSIONS[fmt]}"
+    extension = f".{OutputFormat(fmt).extension}"
     name = relative if PurePosixPath(relative).suffix == extension else relative + extension
     return join(output_prefix, name)
 
