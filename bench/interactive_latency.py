@@ -26,26 +26,25 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 import redis
 from PIL import Image
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import select, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer import jobs
 from producer.backfill import BackfillRunner
 from producer.client import Client
-from producer.db import session_scope, upgrade
+from producer.db import session_scope
 from producer.models import Backfill, Job
 from producer.services import Services
 from producer.settings import Settings
 from tests.support.polling import poll_until
-from tests.support.postgres import PG_ADMIN_URL
+from tests.support.postgres import fresh_database
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -139,105 +138,97 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(S3_TEST_CREDENTIALS)
     work = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
-    moto = MotoServer()
-    endpoint = moto.endpoint
-    database = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
     worker = None
-    try:
-        moto.start()
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        bucket = "bench"
-        s3.create_bucket(Bucket=bucket)
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
-        upgrade(url)
-        env = {
-            "BACKDROP_DATABASE_URL": url,
-            "BACKDROP_BROKER_URL": REDIS_URL,
-            "BACKDROP_S3_ENDPOINT_URL": endpoint,
-            "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/interactive-out",
-            "BACKDROP_DATA_DIR": str(work / "data"),
-            "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
-            "BACKDROP_WEIGHTS": str(write_weights(work)),
-            "BACKDROP_MODEL_INPUT_SIZE": "256",
-            "BACKDROP_DEVICE": "cpu",
-        }
-        settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
-        engine = BackfillRunner(Services(settings))
+    with fresh_database("backdrop_bench") as url, MotoServer() as moto:
+        endpoint = moto.endpoint
+        try:
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            bucket = "bench"
+            s3.create_bucket(Bucket=bucket)
+            redis.Redis.from_url(REDIS_URL).flushdb()
+            env = {
+                "BACKDROP_DATABASE_URL": url,
+                "BACKDROP_BROKER_URL": REDIS_URL,
+                "BACKDROP_S3_ENDPOINT_URL": endpoint,
+                "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/interactive-out",
+                "BACKDROP_DATA_DIR": str(work / "data"),
+                "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
+                "BACKDROP_WEIGHTS": str(write_weights(work)),
+                "BACKDROP_MODEL_INPUT_SIZE": "256",
+                "BACKDROP_DEVICE": "cpu",
+            }
+            settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
+            engine = BackfillRunner(Services(settings))
 
-        print(f"uploading {args.objects} keys and {args.photos} photos …", flush=True)
-        tiny = png(0, 8)
-        upload(endpoint, bucket, {f"many/{i:05d}.png": tiny for i in range(args.objects)})
-        upload(
-            endpoint,
-            bucket,
-            {f"photos/{i:04d}.png": png(i, args.photo_size) for i in range(args.photos)},
-        )
-        rate_runs = (
-            ()
-            if args.skip_rate
-            else (
-                ("backpressure off", args.objects * 10),
-                ("max_in_flight=1000", 1000),
+            print(f"uploading {args.objects} keys and {args.photos} photos …", flush=True)
+            tiny = png(0, 8)
+            upload(endpoint, bucket, {f"many/{i:05d}.png": tiny for i in range(args.objects)})
+            upload(
+                endpoint,
+                bucket,
+                {f"photos/{i:04d}.png": png(i, args.photo_size) for i in range(args.photos)},
             )
-        )
-        for label, limit in rate_runs:
-            rate = submission_rate(
-                engine, f"s3://{bucket}/many/", f"s3://{bucket}/rate-{limit}", args.objects, limit
+            rate_runs = (
+                ()
+                if args.skip_rate
+                else (
+                    ("backpressure off", args.objects * 10),
+                    ("max_in_flight=1000", 1000),
+                )
             )
+            for label, limit in rate_runs:
+                rate = submission_rate(
+                    engine,
+                    f"s3://{bucket}/many/",
+                    f"s3://{bucket}/rate-{limit}",
+                    args.objects,
+                    limit,
+                )
+                print(
+                    f"submission rate, {args.objects} objects, {label}: {rate:.0f} jobs/s",
+                    flush=True,
+                )
+
+            # The rate runs were canceled with their messages still in `bulk`: drop them, or the
+            # worker spends the latency run discarding thousands of canceled jobs' messages.
+            redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
+            worker = WorkerProcess(env, work / "worker.log", concurrency=None)
+            worker.start().wait_ready(timeout=180)
+            client = Client(Services(settings))
+            probe = f"s3://{bucket}/probe.png"
+            s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
+            client.wait([client.submit(input=probe)["id"]], timeout=300)  # warm-up
+            idle = latency_probes(client, probe, args.probes)
+            print(f"interactive latency, idle worker: {summary(idle)}", flush=True)
+
+            created = engine.create(
+                f"s3://{bucket}/photos/", f"s3://{bucket}/backfill-out", {"effect": "blur"}
+            )
+            started = time.perf_counter()
+            runner = engine.start_in_thread(created["id"])
+            poll_until(
+                lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
+            )
+            busy = latency_probes(client, probe, args.probes)
+            in_flight = engine.get(created["id"])["counts"]["in_flight"]
             print(
-                f"submission rate, {args.objects} objects, {label}: {rate:.0f} jobs/s", flush=True
+                f"interactive latency, during a {args.photos}-photo backfill: {summary(busy)}",
+                flush=True,
             )
-
-        # The rate runs were canceled with their messages still in `bulk`: drop them, or the
-        # worker spends the latency run discarding thousands of canceled jobs' messages.
-        redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
-        worker = WorkerProcess(env, work / "worker.log", concurrency=None)
-        worker.start().wait_ready(timeout=180)
-        client = Client(Services(settings))
-        probe = f"s3://{bucket}/probe.png"
-        s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
-        client.wait([client.submit(input=probe)["id"]], timeout=300)  # warm-up
-        idle = latency_probes(client, probe, args.probes)
-        print(f"interactive latency, idle worker: {summary(idle)}", flush=True)
-
-        created = engine.create(
-            f"s3://{bucket}/photos/", f"s3://{bucket}/backfill-out", {"effect": "blur"}
-        )
-        started = time.perf_counter()
-        runner = engine.start_in_thread(created["id"])
-        poll_until(
-            lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
-        )
-        busy = latency_probes(client, probe, args.probes)
-        in_flight = engine.get(created["id"])["counts"]["in_flight"]
-        print(
-            f"interactive latency, during a {args.photos}-photo backfill: {summary(busy)}",
-            flush=True,
-        )
-        print(f"  backfill jobs still in flight after the probes: {in_flight}", flush=True)
-        runner.join()
-        record = engine.get(created["id"])
-        elapsed = time.perf_counter() - started
-        done = record["counts"]["succeeded"]
-        print(
-            f"backfill {record['status']}: {done} photos in {elapsed:.1f} s "
-            f"({done / elapsed:.1f} photos/s on this CPU worker)",
-            flush=True,
-        )
-    finally:
-        if worker is not None:
-            worker.stop()
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        from producer.db import get_engine
-
-        get_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}").dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            print(f"  backfill jobs still in flight after the probes: {in_flight}", flush=True)
+            runner.join()
+            record = engine.get(created["id"])
+            elapsed = time.perf_counter() - started
+            done = record["counts"]["succeeded"]
+            print(
+                f"backfill {record['status']}: {done} photos in {elapsed:.1f} s "
+                f"({done / elapsed:.1f} photos/s on this CPU worker)",
+                flush=True,
+            )
+        finally:
+            if worker is not None:
+                worker.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,42 +32,24 @@ from pathlib import Path
 import boto3
 import httpx
 import redis
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.backfill import BackfillRunner
 from producer.client import Client
-from producer.db import get_engine, session_scope, upgrade
+from producer.db import session_scope
 from producer.models import Backfill, Job
 from producer.services import Services
 from producer.settings import Settings
+from tests.support.network import free_port
+from tests.support.polling import poll_until
+from tests.support.postgres import fresh_database
+from tests.support.services import S3_TEST_CREDENTIALS, MotoServer
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/12"
 BUCKET = "submit-bench"
 QUEUES = ("interactive", "bulk")
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def requests_for(count: int, tag: str) -> list[dict[str, object]]:
@@ -157,7 +138,7 @@ def backfill_rate(
             recorded = backfill is not None and backfill.submitted >= count
         return recorded and counts.messages() - messages >= count
 
-    wait_for(queued, 600, "the backfill's jobs and messages")
+    poll_until(queued, timeout=600, what="the backfill's jobs and messages")
     elapsed = time.perf_counter() - started
     engine.cancel(record["id"])
     runner.join()
@@ -183,23 +164,6 @@ def upload_keys(endpoint: str, count: int) -> None:
 
 
 @contextmanager
-def moto_server() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _answers(endpoint), 30, "moto")
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@contextmanager
 def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     port = free_port()
     with log_path.open("w") as log:
@@ -211,30 +175,15 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: server.poll() is not None or _answers(base + "/healthz"), 60, "api")
+        poll_until(
+            lambda: server.poll() is not None or _answers(base + "/healthz"), timeout=60, what="api"
+        )
         if server.poll() is not None:
             raise RuntimeError(f"backdrop api exited:\n{log_path.read_text()[-2000:]}")
         yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    name = f"backdrop_submit_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _answers(url: str) -> bool:
@@ -256,19 +205,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-backfill", action="store_true")
     args = parser.parse_args()
-    os.environ.update(CREDENTIALS)
+    os.environ.update(S3_TEST_CREDENTIALS)
     queues = redis.Redis.from_url(REDIS_URL)
     queues.flushdb()
     token = secrets.token_urlsafe(32)
     with (
         tempfile.TemporaryDirectory(prefix="backdrop-submit-") as work,
-        fresh_database() as url,
-        moto_server() as endpoint,
+        fresh_database("backdrop_submit") as url,
+        MotoServer() as moto,
     ):
         env = {
             "BACKDROP_DATABASE_URL": url,
             "BACKDROP_BROKER_URL": REDIS_URL,
-            "BACKDROP_S3_ENDPOINT_URL": endpoint,
+            "BACKDROP_S3_ENDPOINT_URL": moto.endpoint,
             "BACKDROP_OUTPUT_PREFIX": f"s3://{BUCKET}/default-out",
             "BACKDROP_DATA_DIR": str(Path(work) / "data"),
             "BACKDROP_API_TOKENS": token,
@@ -300,7 +249,7 @@ def main() -> None:
                 out = (Path(work) / f"backfill-out-{run}").as_uri()
                 rates.append(backfill_rate(engine, photos.as_uri(), out, args.jobs, counts))
         show(f"backfill over {args.jobs} local files:", rates)
-        upload_keys(endpoint, args.jobs)
+        upload_keys(moto.endpoint, args.jobs)
         rates = []
         for run in range(args.repeat):
             with counts.expect(args.jobs, "backfill (S3)"):

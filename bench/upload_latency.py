@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -33,19 +32,17 @@ import numpy as np
 import redis
 import uvicorn
 from PIL import Image
-from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.interactive_latency import REDIS_URL, submitted, summary, write_weights
 from producer.api import create_app
 from producer.backfill import BackfillRunner
-from producer.db import upgrade
 from producer.services import Services
 from producer.settings import Settings
 from tests.support.network import free_port
 from tests.support.polling import poll_until
-from tests.support.postgres import PG_ADMIN_URL
+from tests.support.postgres import fresh_database
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
 
 TOKEN = "bench-upload-token-0123456789abcdef"
@@ -100,77 +97,64 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(S3_TEST_CREDENTIALS)
     work = Path(tempfile.mkdtemp(prefix="backdrop-bench-"))
-    moto = MotoServer()
-    endpoint = moto.endpoint
-    database = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
     worker = server = None
-    try:
-        moto.start()
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        bucket = "bench"
-        s3.create_bucket(Bucket=bucket)
-        redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
-        upgrade(url)
-        env = {
-            "BACKDROP_DATABASE_URL": url,
-            "BACKDROP_BROKER_URL": REDIS_URL,
-            "BACKDROP_S3_ENDPOINT_URL": endpoint,
-            "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/out",
-            "BACKDROP_INPUT_PREFIX": f"s3://{bucket}/in",
-            "BACKDROP_DATA_DIR": str(work / "data"),
-            "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
-            "BACKDROP_WEIGHTS": str(write_weights(work)),
-            "BACKDROP_MODEL_INPUT_SIZE": "256",
-            "BACKDROP_DEVICE": "cpu",
-            "BACKDROP_API_TOKENS": TOKEN,
-        }
-        settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
-        image = photo(0, args.megapixels)
-        print(f"probe photo: {args.megapixels} MP JPEG, {len(image)} bytes", flush=True)
-        for i in range(args.photos):
-            s3.put_object(Bucket=bucket, Key=f"photos/{i:04d}.jpg", Body=photo(i + 1, 2.0))
-        worker = WorkerProcess(env, work / "worker.log", concurrency=None)
-        worker.start().wait_ready(timeout=180)
-        api_port = free_port()
-        server = serve(settings, api_port)
-        base = f"http://127.0.0.1:{api_port}"
-        probes(base, image, 2)  # warm-up: model load, first connections
-        idle = probes(base, image, args.probes)
-        print(f"POST /v1/process, idle worker: {summary(idle)}", flush=True)
+    with fresh_database("backdrop_bench") as url, MotoServer() as moto:
+        endpoint = moto.endpoint
+        try:
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            bucket = "bench"
+            s3.create_bucket(Bucket=bucket)
+            redis.Redis.from_url(REDIS_URL).delete("bulk", "interactive")
+            env = {
+                "BACKDROP_DATABASE_URL": url,
+                "BACKDROP_BROKER_URL": REDIS_URL,
+                "BACKDROP_S3_ENDPOINT_URL": endpoint,
+                "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/out",
+                "BACKDROP_INPUT_PREFIX": f"s3://{bucket}/in",
+                "BACKDROP_DATA_DIR": str(work / "data"),
+                "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
+                "BACKDROP_WEIGHTS": str(write_weights(work)),
+                "BACKDROP_MODEL_INPUT_SIZE": "256",
+                "BACKDROP_DEVICE": "cpu",
+                "BACKDROP_API_TOKENS": TOKEN,
+            }
+            settings = Settings(**{k.removeprefix("BACKDROP_").lower(): v for k, v in env.items()})
+            image = photo(0, args.megapixels)
+            print(f"probe photo: {args.megapixels} MP JPEG, {len(image)} bytes", flush=True)
+            for i in range(args.photos):
+                s3.put_object(Bucket=bucket, Key=f"photos/{i:04d}.jpg", Body=photo(i + 1, 2.0))
+            worker = WorkerProcess(env, work / "worker.log", concurrency=None)
+            worker.start().wait_ready(timeout=180)
+            api_port = free_port()
+            server = serve(settings, api_port)
+            base = f"http://127.0.0.1:{api_port}"
+            probes(base, image, 2)  # warm-up: model load, first connections
+            idle = probes(base, image, args.probes)
+            print(f"POST /v1/process, idle worker: {summary(idle)}", flush=True)
 
-        engine = BackfillRunner(Services(settings))
-        created = engine.create(
-            f"s3://{bucket}/photos/",
-            f"s3://{bucket}/backfill-out",
-            {"effect": "blur", "fail_on_no_subject": False},
-        )
-        runner = engine.start_in_thread(created["id"])
-        poll_until(
-            lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
-        )
-        busy = probes(base, image, args.probes)
-        in_flight = engine.get(created["id"])["counts"]["in_flight"]
-        print(f"POST /v1/process, during a {args.photos}-photo backfill: {summary(busy)}")
-        print(f"  backfill jobs still in flight after the probes: {in_flight}", flush=True)
-        if engine.get(created["id"])["status"] == "running":
-            engine.cancel(created["id"])
-        runner.join()
-    finally:
-        if server is not None:
-            server.should_exit = True
-        if worker is not None:
-            worker.stop()
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        from producer.db import get_engine
-
-        get_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}").dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            engine = BackfillRunner(Services(settings))
+            created = engine.create(
+                f"s3://{bucket}/photos/",
+                f"s3://{bucket}/backfill-out",
+                {"effect": "blur", "fail_on_no_subject": False},
+            )
+            runner = engine.start_in_thread(created["id"])
+            poll_until(
+                lambda: submitted(settings, created["id"]) > 0, timeout=60, what="backfill start"
+            )
+            busy = probes(base, image, args.probes)
+            in_flight = engine.get(created["id"])["counts"]["in_flight"]
+            print(f"POST /v1/process, during a {args.photos}-photo backfill: {summary(busy)}")
+            print(f"  backfill jobs still in flight after the probes: {in_flight}", flush=True)
+            if engine.get(created["id"])["status"] == "running":
+                engine.cancel(created["id"])
+            runner.join()
+        finally:
+            if server is not None:
+                server.should_exit = True
+            if worker is not None:
+                worker.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

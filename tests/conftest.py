@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.network import free_port  # noqa: F401 (test_runner.py's import, until moved)
 from tests.support.polling import poll_until  # noqa: F401 (test_runner.py's import, until moved)
-from tests.support.postgres import PG_ADMIN_URL, postgres_reachable
+from tests.support.postgres import fresh_database, postgres_reachable
 from tests.support.receiver import CALLBACK_SECRET
 from tests.support.required import require_service
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer
@@ -42,24 +42,9 @@ def photo_bytes(photo_paths: dict[str, Path]) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session, dropped at the end."""
-    from sqlalchemy import create_engine, text
-
-    from producer.db import upgrade
-
     require_service("PostgreSQL", postgres_reachable(), "127.0.0.1:5432")
-    name = f"backdrop_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    upgrade(url)
-    yield url
-    from producer.db import get_engine
-
-    get_engine(url).dispose()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

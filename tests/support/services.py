@@ -267,6 +267,21 @@ class MotoServer:
             _wait_for_exit(self.process, timeout=10)
         self.process = None
 
+    def __enter__(self) -> MotoServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
 
 class WorkerProcess:
     """A real `backdrop worker` subprocess; its Celery process id is also its job owner id.
