@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +31,9 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.db import upgrade
 from tests.support.network import free_port
 from tests.support.polling import poll_until
-from tests.support.postgres import PG_ADMIN_URL
+from tests.support.postgres import fresh_database
 
 TOKEN = secrets.token_urlsafe(32)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,23 +64,13 @@ FROM generate_series(1, :rows) AS i
 
 @contextmanager
 def database(rows: int) -> Iterator[str]:
-    name = f"bench_metrics_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
+    with fresh_database("bench_metrics") as url:
         engine = create_engine(url)
         with engine.begin() as connection:
             connection.execute(text(FILL), {"rows": rows})
             connection.execute(text("ANALYZE jobs"))
         engine.dispose()
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
