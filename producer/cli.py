@@ -137,8 +137,8 @@ def effect_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--fail-on-no-subject/--no-fail-on-no-subject",
                 default=None,
-                help="fail with no_subject when the photo has none of the classes "
-                "[default: the job default]",
+                help="fail with no_subject when the photo has none of the classes, "
+                "rather than write an all-background image [default: fail]",
             ),
             click.option(
                 "--crop",

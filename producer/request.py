@@ -122,7 +122,9 @@ class JobRequest(BaseModel):
     mask: Location | None = None
     idempotency_key: Annotated[Text, Field(min_length=1, max_length=200)] | None = None
     queue: Queue = Queue.INTERACTIVE
-    fail_on_no_subject: StrictBool = False
+    # A photo with none of the classes fails no_subject rather than becoming a blank output
+    # (most products are no VOC class); false keeps the all-background result.
+    fail_on_no_subject: StrictBool = True
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 92
     # Outputs never replace an object this job did not write (output_exists) unless asked.
     overwrite: StrictBool = False

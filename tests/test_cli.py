@@ -283,6 +283,30 @@ def test_submit_output_takes_a_path_relative_to_the_cwd(
     assert Image.open(here / "res.jpg").format == "JPEG"
 
 
+def test_a_worker_crops_to_the_masks_box_plus_margin_and_fits_the_canvas(
+    served_env: dict[str, str], here: Path
+) -> None:
+    """The crop through a real worker: a known rectangle as the mask, so the box is known."""
+    pixels = np.full((300, 400, 3), (40, 90, 160), np.uint8)
+    pixels[100:180, 150:250] = (220, 40, 30)
+    alpha = np.zeros((300, 400), np.uint8)
+    alpha[100:180, 150:250] = 255
+    Image.fromarray(pixels).save(here / "box.png")
+    Image.fromarray(alpha).save(here / "box-mask.png")
+    flags = ["--mask", "box-mask.png", "--crop", "subject", "--margin", "0.1"]
+
+    cropped = run(["submit", "box.png", *flags, "--output", "crop.png"], served_env, here)
+    canvas_flags = ["--size", "240x240", "--background", "#000000", "--output", "framed.jpg"]
+    framed = run(["submit", "box.png", *flags, *canvas_flags], served_env, here)
+
+    assert cropped.returncode == 0 and framed.returncode == 0, cropped.stderr + framed.stderr
+    # The 100×80 box plus 10% of its longer side on each side.
+    assert Image.open(here / "crop.png").size == (120, 100)
+    canvas = np.asarray(Image.open(here / "framed.jpg")).astype(int)
+    assert canvas.shape == (240, 240, 3) and canvas[0, 0].max() <= 8
+    assert np.abs(canvas[120, 120] - (220, 40, 30)).max() <= 30
+
+
 def test_a_backfill_over_colliding_names_processes_every_photo_as_its_dry_run_said(
     served_env: dict[str, str], served: Path, here: Path
 ) -> None:

@@ -15,6 +15,8 @@ def test_defaults_follow_the_spec() -> None:
     assert request.effect == "remove" and request.background == "#FFFFFF"
     assert request.format == "png" and request.queue == "interactive"
     assert request.class_indices == list(range(1, 21))
+    # SPEC "Change": a photo with none of the classes fails no_subject, never a blank product.
+    assert request.fail_on_no_subject is True
 
 
 def test_classes_are_validated_and_mapped_to_voc_indices() -> None:
