@@ -242,6 +242,11 @@ class MotoServer:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def start(self) -> MotoServer:
         log = self.log_path.open("wb") if self.log_path else subprocess.DEVNULL
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
