@@ -51,16 +51,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -72,24 +69,23 @@ import redis
 import skimage.data
 import torch
 from PIL import Image
-from sqlalchemy import create_engine, text
 from torchvision.transforms import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer import broker
 from producer.client import Client
-from producer.db import upgrade
 from producer.services import Services as Wiring
 from producer.settings import Settings
 from producer.storage import Storage
+from tests.support.postgres import fresh_database
+from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
 from tests.support.weights import calibrate_on_noise
 from worker.segmenter import Segmenter
 from worker.weights import MODELS, NUM_CLASSES, load_model
 
 SIZES = ((1280, 960), (1600, 1200), (2000, 1500))  # 1.2, 1.9 and 3.0 MP
 PHOTOS = ("astronaut", "chelsea", "coffee", "motorcycle_left")
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 # Its own DB: bench/interactive_latency.py flushes and consumes 13, and a worker drops
 # (acks) a message whose job its database does not hold.
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -316,20 +312,6 @@ def pids_named(name: str) -> list[int]:
     return pids
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def moment(value: str | datetime) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
@@ -338,28 +320,17 @@ class Services:
     """A fresh PostgreSQL database, a Redis DB, moto's S3 server, and a real worker."""
 
     def __init__(self, weights: Path, model: str, input_size: int, folder: Path) -> None:
-        self.db_name = f"backdrop_bench_{uuid.uuid4().hex[:8]}"
-        self.admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+        self.cleanup = ExitStack()
+        database_url = self.cleanup.enter_context(fresh_database("backdrop_bench"))
         redis.Redis.from_url(REDIS_URL).flushdb()
-        port = free_port()
-        self.s3 = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-        )
-        self.s3_client = boto3.client("s3", endpoint_url=endpoint)
-        wait_for(lambda: _answers(self.s3_client), 30, "the S3 server")
+        os.environ.update(S3_TEST_CREDENTIALS)
+        self.moto = self.cleanup.enter_context(MotoServer())
+        self.s3_client = boto3.client("s3", endpoint_url=self.moto.endpoint)
         self.s3_client.create_bucket(Bucket="bench")
         self.env = {
-            "BACKDROP_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
+            "BACKDROP_DATABASE_URL": database_url,
             "BACKDROP_BROKER_URL": REDIS_URL,
-            "BACKDROP_S3_ENDPOINT_URL": endpoint,
+            "BACKDROP_S3_ENDPOINT_URL": self.moto.endpoint,
             "BACKDROP_OUTPUT_PREFIX": "s3://bench/out",
             "BACKDROP_ALLOWED_BUCKETS": "bench",
             "BACKDROP_MODEL": model,
@@ -371,7 +342,6 @@ class Services:
         self.settings = Settings(
             **{k.removeprefix("BACKDROP_").lower(): v for k, v in self.env.items()}
         )
-        upgrade(self.settings.database_url)
         self.client = Client(
             Wiring(
                 self.settings,
@@ -380,34 +350,16 @@ class Services:
             )
         )
         self.folder = folder
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: WorkerProcess | None = None
 
     def start_worker(self, max_batch: int) -> None:
         self.log = self.folder / f"worker-batch-{max_batch}.log"
-        with self.log.open("w") as log_file:
-            self.worker = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "worker"],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env, "BACKDROP_MAX_BATCH": str(max_batch)},
-            )
-        worker = self.worker
-        wait_for(
-            lambda: " ready." in self.log.read_text() or worker.poll() is not None,
-            120,
-            "the worker",
-        )
-        if worker.poll() is not None:
-            raise SystemExit(self.log.read_text()[-3000:])
+        env = {**self.env, "BACKDROP_MAX_BATCH": str(max_batch)}
+        self.worker = WorkerProcess(env, self.log, concurrency=None).start().wait_ready()
 
     def stop_worker(self) -> None:
-        if self.worker is None:
-            return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
+        if self.worker is not None:
+            self.worker.stop()
         self.worker = None
 
     def batch_sizes(self) -> list[int]:
@@ -438,7 +390,7 @@ class Services:
         found = {"worker": [self.worker.pid]} if worker and self.worker else {}
         return {
             **found,
-            "S3 server": [self.s3.pid],
+            "S3 server": [self.moto.pid],
             "PostgreSQL": pids_named("postgres"),
             "Redis": pids_named("redis-server"),
             "this process": [os.getpid()],
@@ -453,20 +405,7 @@ class Services:
 
     def close(self) -> None:
         self.stop_worker()
-        self.s3.terminate()
-        from producer.db import get_engine
-
-        get_engine(self.settings.database_url).dispose()
-        with self.admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
-
-
-def _answers(s3) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        s3.list_buckets()
-        return True
-    except Exception:
-        return False
+        self.cleanup.close()
 
 
 @dataclass

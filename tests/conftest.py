@@ -9,13 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.network import free_port  # noqa: F401 (test_runner.py's import, until moved)
-from tests.support.polling import poll_until  # noqa: F401 (test_runner.py's import, until moved)
 from tests.support.postgres import fresh_database, postgres_reachable
 from tests.support.receiver import CALLBACK_SECRET
 from tests.support.required import require_service
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer
-from tests.support.session_redis import redis_url_for_tests  # noqa: F401 (test_runner.py's import, until moved)
 
 if TYPE_CHECKING:
     from producer.settings import Settings

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from producer.settings import Settings
-from tests.conftest import free_port, poll_until, redis_url_for_tests
+from tests.support.network import free_port
+from tests.support.polling import poll_until
 from tests.support.services import WorkerProcess
+from tests.support.session_redis import redis_url_for_tests
 from worker.runner import serve_metrics
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp
