@@ -382,7 +382,7 @@ def test_a_worker_sigkilled_after_finishing_a_job_still_gets_its_callback_delive
     client = Client(Services(worker_settings))
     bucket = worker_env["BACKDROP_ALLOWED_BUCKETS"]
     photo = f"s3://{bucket}/in/crash.png"
-    client.storage.write(photo, small_photo(photo_bytes["coffee"]), content_type="image/png")
+    client.storage.write(photo, small_photo(photo_bytes["chelsea"]), content_type="image/png")
     worker_receiver.answer([500] * 100)
     crashed = _start_worker(worker_env, tmp_path)
     try:
