@@ -50,7 +50,7 @@ RUN mkdir producer worker \
 # same code as `backdrop models pull` (worker/weights.py needs nothing else of the project).
 FROM base AS weights
 ARG BAKE_MODEL=""
-COPY producer/__init__.py producer/errors.py ./producer/
+COPY producer/__init__.py producer/catalog.py producer/errors.py ./producer/
 COPY worker/__init__.py worker/weights.py ./worker/
 RUN if [ -n "$BAKE_MODEL" ]; then \
         TORCH_HOME=/tmp/torch python -c "import shutil, sys; from worker.weights import pull; \

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import click
 from pydantic import ValidationError
 
+from producer.catalog import ModelName
 from producer.errors import (
     AccessDenied,
     BackdropError,
@@ -38,7 +39,7 @@ from producer.locations import FILE_SCHEME, real_path
 from producer.models import JobStatus
 from producer.outputs import STDIO, format_for, plan_outputs
 from producer.request import FOREGROUND_CLASSES, Crop, Effect, JobRequest, Queue
-from producer.settings import ModelName, configure, get_settings
+from producer.settings import configure, get_settings
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130

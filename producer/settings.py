@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ModelName = Literal["deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large"]
+from producer.catalog import ModelName
 
 CommaList = Annotated[list[str], NoDecode]
 

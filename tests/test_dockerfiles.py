@@ -124,6 +124,7 @@ def test_baked_weights_depend_only_on_the_weights_code() -> None:
     sources = {source for sources in copied for source in sources}
     assert sources == {
         "producer/__init__.py",
+        "producer/catalog.py",
         "producer/errors.py",
         "worker/__init__.py",
         "worker/weights.py",

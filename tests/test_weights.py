@@ -15,8 +15,8 @@ import pytest
 import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
+from producer.catalog import ModelName
 from producer.errors import InputNotFound, StorageUnavailable, WeightsUnavailable
-from producer.settings import ModelName
 from worker.weights import MODELS, check_weights, load_model, resolve_weights, weights_identity
 
 MOBILENET = "deeplabv3_mobilenet_v3_large"

@@ -23,8 +23,8 @@ from typing import Any, BinaryIO, cast
 import torch
 from torchvision.models import segmentation
 
+from producer.catalog import ModelName
 from producer.errors import TransientError, WeightsUnavailable
-from producer.settings import ModelName
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ModelSpec:
         return _url_file_name(self.url)
 
 
-# One spec per name of the registry that settings validates against (settings.ModelName).
+# One spec per name of the registry that settings validates against (producer.catalog.ModelName).
 MODELS: dict[ModelName, ModelSpec] = {
     "deeplabv3_resnet101": ModelSpec(
         segmentation.deeplabv3_resnet101,
