@@ -54,14 +54,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    url = request.getfixturevalue("postgres_url")
-    yield url
     from sqlalchemy import text
 
     from producer.db import get_engine
 
+    url = request.getfixturevalue("postgres_url")
+    # Emptied before as well as after: tests that use postgres_url directly leave rows behind.
+    empty = text("TRUNCATE jobs, backfills, callback_attempts CASCADE")
     with get_engine(url).begin() as connection:
-        connection.execute(text("TRUNCATE jobs"))
+        connection.execute(empty)
+    yield url
+    with get_engine(url).begin() as connection:
+        connection.execute(empty)
 
 
 # --- model weights -----------------------------------------------------------------
