@@ -104,7 +104,7 @@ def latency_probes(client: Client, location: str, count: int) -> list[float]:
     """Submit one interactive job a second; return each one's submit→finish seconds."""
     ids = []
     for _ in range(count):
-        ids.append(client.submit(input=location, effect="blur")["id"])
+        ids.append(client.submit(input=location, effect="blur", fail_on_no_subject=False)["id"])
         time.sleep(1.0)  # the probe's pacing, not synchronisation
     records = client.wait(ids, timeout=900)
     with session_scope(client.settings.database_url) as session:
@@ -197,12 +197,15 @@ def main() -> None:
             client = Client(Services(settings))
             probe = f"s3://{bucket}/probe.png"
             s3.put_object(Bucket=bucket, Key="probe.png", Body=png(1, args.photo_size))
-            client.wait([client.submit(input=probe)["id"]], timeout=300)  # warm-up
+            warm_up = client.submit(input=probe, fail_on_no_subject=False)
+            client.wait([warm_up["id"]], timeout=300)
             idle = latency_probes(client, probe, args.probes)
             print(f"interactive latency, idle worker: {summary(idle)}", flush=True)
 
             created = engine.create(
-                f"s3://{bucket}/photos/", f"s3://{bucket}/backfill-out", {"effect": "blur"}
+                f"s3://{bucket}/photos/",
+                f"s3://{bucket}/backfill-out",
+                {"effect": "blur", "fail_on_no_subject": False},
             )
             started = time.perf_counter()
             runner = engine.start_in_thread(created["id"])

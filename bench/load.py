@@ -99,6 +99,8 @@ def run_load(stack, count: int, *, timeout: float) -> LoadFigures:
             "input": photo if i % FAIL_EVERY else f"s3://{stack.bucket}/absent/{i}.png",
             "output": f"{prefix}/{i}.png",
             "queue": "bulk",
+            # Random weights: whatever the mask holds, the job does its full work.
+            "fail_on_no_subject": False,
         }
         for i in range(count)
     ]
