@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Pinned: the worker extra needs exactly these builds (pyproject.toml), and pip resolves them first.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[worker,dev]'
+	$(PIP) install -q -e '.[worker,dev,onnx]'
 	touch $@
 
 demo: install
