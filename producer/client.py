@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -12,12 +13,14 @@ from sqlalchemy import select
 
 from producer import broker, jobs
 from producer.db import session_scope
-from producer.errors import InvalidRequest, JobNotFound
+from producer.errors import BackdropError, InvalidRequest, JobNotFound
 from producer.locations import S3_SCHEME, canonical
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
 from producer.services import Services, default_services
 from producer.storage import Storage
+
+log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 # `Client.list` shadows the builtin inside the class body.
@@ -148,12 +151,18 @@ class Client:
         succeeded = record["status"] == JobStatus.SUCCEEDED
         for field, url in (("output", "output_url"), ("mask_output", "mask_url")):
             location = record[field]
-            record[url] = (
-                self.storage.presigned_url(location, self.settings.presign_s)
-                if succeeded and location is not None and location.startswith(S3_SCHEME)
-                else None
-            )
+            wanted = succeeded and location is not None and location.startswith(S3_SCHEME)
+            record[url] = self._presigned(location) if wanted else None
         return record
+
+    def _presigned(self, location: str) -> str | None:
+        # A convenience of the record: without S3 credentials here (a CLI reading the
+        # database only) the record is still served, without the URL.
+        try:
+            return self.storage.presigned_url(location, self.settings.presign_s)
+        except BackdropError as exc:
+            log.debug("no presigned URL for %s: %s", location, exc)
+            return None
 
     def finished(self, job_id: str) -> Record | None:
         """The job's record once it is final, else None: one indexed read of its status

@@ -22,6 +22,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from producer.callbacks import Outcome
+from producer.db import rowcount
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound
 from producer.models import CallbackAttempt, Job, JobStatus
 from producer.settings import Settings
@@ -52,7 +53,8 @@ def retry_delay(tries: int, settings: Settings) -> float | None:
     over 65-97 minutes."""
     if tries >= settings.callback_max_attempts:
         return None
-    nominal = min(settings.callback_retry_max_s, settings.callback_retry_base_s * 2 ** (tries - 1))
+    doubled: float = settings.callback_retry_base_s * 2.0 ** (tries - 1)
+    nominal = min(settings.callback_retry_max_s, doubled)
     return nominal * random.uniform(1 - JITTER, 1 + JITTER)
 
 
@@ -96,7 +98,7 @@ def claim(session: Session, limit: int, settings: Settings, moment: datetime) ->
             .values(callback_due_at=until)
             .execution_options(synchronize_session=False)
         )
-        if taken.rowcount == 1:
+        if rowcount(taken) == 1:
             claimed.append(job_id)
     if not claimed:
         return []
@@ -132,7 +134,7 @@ def record(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    scheduled = next_at if kept.rowcount == 1 else None
+    scheduled = next_at if rowcount(kept) == 1 else None
     session.add(
         CallbackAttempt(
             job_id=held.job_id,
@@ -165,9 +167,7 @@ def redeliver(session: Session, job_id: str, moment: datetime) -> None:
     if job.callback_url is None:
         raise InvalidRequest(f"job {job_id} has no callback_url")
     if not JobStatus(job.status).final:
-        raise InvalidTransition(
-            f"job {job_id} is {job.status}; its callback is sent when it ends"
-        )
+        raise InvalidTransition(f"job {job_id} is {job.status}; its callback is sent when it ends")
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(FINAL))
