@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     model: ModelName = "deeplabv3_resnet101"
     weights: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_batch: int = Field(default=8, ge=1, le=256)
+    # Photos per model call; None: 8 on a GPU, 1 on a CPU, where batching only slows the
+    # worker (worker/threadplan.py).
+    max_batch: int | None = Field(default=None, ge=1, le=256)
     # Torch's intra-op threads on a CPU worker; None: every core (see worker/runner.py).
     torch_threads: int | None = Field(default=None, ge=1, le=512)
     # Jobs decoding, refining, compositing or encoding at once; None: one per core

@@ -57,6 +57,26 @@ def test_requests_waiting_together_are_served_in_one_model_call() -> None:
     assert sum(fake.calls) == 7
 
 
+@pytest.mark.parametrize(("device", "expected"), [("cpu", 1), ("cuda:0", 8), (None, 1)])
+def test_with_no_max_batch_the_batch_suits_the_device_the_model_loaded_on(
+    device: str | None, expected: int
+) -> None:
+    fake = RecordingSegmenter()
+    if device is not None:
+        fake.device = device  # type: ignore[attr-defined]
+    batcher = Batcher(lambda: fake, max_wait_ms=1)
+    assert batcher.max_batch == expected
+    batcher.close()
+
+
+def test_a_max_batch_that_was_given_is_kept_whatever_the_device() -> None:
+    fake = RecordingSegmenter()
+    fake.device = "cpu"  # type: ignore[attr-defined]
+    batcher = Batcher(lambda: fake, max_batch=4, max_wait_ms=1)
+    assert batcher.max_batch == 4
+    batcher.close()
+
+
 def test_a_batch_never_exceeds_max_batch() -> None:
     release = threading.Event()
     fake = RecordingSegmenter(release)

@@ -8,7 +8,14 @@ import threading
 import pytest
 
 from producer.settings import Settings
-from worker.threadplan import CpuSlots, ThreadPlan, plan_threads, prepare_environment
+from worker.threadplan import (
+    CpuSlots,
+    ThreadPlan,
+    model_device,
+    plan_threads,
+    prepare_environment,
+    resolve_max_batch,
+)
 
 
 def test_by_default_each_core_gets_a_cpu_slot_and_a_torch_thread() -> None:
@@ -25,9 +32,27 @@ def test_job_threads_fill_a_batch_besides_the_slots_and_one_io_thread_per_core()
 def test_settings_and_concurrency_override_each_part_of_the_plan() -> None:
     settings = Settings(max_batch=4, cpu_slots=3, torch_threads=1)
     assert plan_threads(settings, cores=8) == ThreadPlan(
-        job_threads=4 + 3 + 8, cpu_slots=3, torch_threads=1
+        max_batch=4, job_threads=4 + 3 + 8, cpu_slots=3, torch_threads=1
     )
     assert plan_threads(settings, cores=8, concurrency=5).job_threads == 5
+
+
+def test_the_default_batch_is_one_photo_on_a_cpu_and_eight_on_a_gpu() -> None:
+    assert resolve_max_batch(Settings(), "cpu") == 1
+    assert resolve_max_batch(Settings(), "cuda") == 8
+    assert plan_threads(Settings(), cores=2, device_type="cpu").job_threads == 1 + 2 + 2
+    assert plan_threads(Settings(), cores=2, device_type="cuda").job_threads == 8 + 2 + 2
+
+
+def test_a_max_batch_that_was_set_is_kept_on_any_device() -> None:
+    assert resolve_max_batch(Settings(max_batch=4), "cpu") == 4
+    assert resolve_max_batch(Settings(max_batch=4), "cuda") == 4
+
+
+def test_a_device_that_was_named_decides_the_batch_without_asking_torch() -> None:
+    assert model_device("cpu") == "cpu"
+    assert model_device("cuda:1") == "cuda"
+    assert resolve_max_batch(Settings(device="cpu")) == 1
 
 
 def test_a_machine_reporting_no_cores_still_gets_one_of_each() -> None:

@@ -2,7 +2,8 @@
 
 Job threads call `segment()` and block; the batcher thread takes whatever requests are waiting
 (up to `max_batch`, waiting at most `max_wait_ms` for more after the first) and runs them
-through the model in one call. The model is built lazily inside that thread, so nothing
+through the model in one call. With no `max_batch` given, the batch suits the device the
+model loaded on (worker/threadplan.py). The model is built lazily inside that thread, so nothing
 touches torch (or CUDA) before the worker process is fully started.
 """
 
@@ -21,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from producer import metrics
+from worker.threadplan import default_max_batch, torch_device_type
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,11 @@ class _Request:
 
 class Batcher:
     def __init__(
-        self, load: Callable[[], Segmenter], *, max_batch: int = 8, max_wait_ms: int = 20
+        self,
+        load: Callable[[], Segmenter],
+        *,
+        max_batch: int | None = None,
+        max_wait_ms: int = 20,
     ) -> None:
         self._load = load
         self._max_batch = max_batch
@@ -67,6 +73,12 @@ class Batcher:
         assert self._segmenter is not None
         return self._segmenter
 
+    @property
+    def max_batch(self) -> int | None:
+        """Photos per model call, once the model has loaded (None if it failed to)."""
+        self._ready.wait()
+        return self._max_batch
+
     def segment(self, image: np.ndarray, classes: Sequence[int]) -> np.ndarray:
         request = _Request(image, classes)
         self._requests.put(request)
@@ -79,6 +91,10 @@ class Batcher:
     def _run(self) -> None:
         try:
             self._segmenter = self._load()
+            if self._max_batch is None:  # a stand-in model with no device counts as a CPU
+                device = torch_device_type(getattr(self._segmenter, "device", "cpu"))
+                self._max_batch = default_max_batch(device)
+                log.info("max batch %d (the default on %s)", self._max_batch, device)
         except BaseException as exc:  # reported to every caller instead of killing the thread
             self._load_error = exc
         finally:
@@ -94,8 +110,9 @@ class Batcher:
         if first is None:
             return None
         batch = [first]
+        limit = self._max_batch or 1  # None only when the model failed to load
         deadline = time.monotonic() + self._max_wait
-        while len(batch) < self._max_batch:
+        while len(batch) < limit:
             remaining = deadline - time.monotonic()
             try:
                 request = (

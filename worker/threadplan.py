@@ -11,7 +11,11 @@ encode). Only the imaging and the model compete for the cores, so:
   - torch's intra-op threads take every core, so a lone job's model call is fast; when they
     share the cores with imaging, OpenMP's passive wait (see ENVIRONMENT) makes a thread that
     waits at a barrier sleep instead of spinning on a core the imaging needs;
-  - one inter-op thread: the model never runs independent ops in parallel.
+  - one inter-op thread: the model never runs independent ops in parallel;
+  - the model's batch (max_batch, unless set) follows the device: batching pays on a GPU,
+    where one call's kernels cover the whole batch, and loses on a CPU, where a batch only
+    makes its first job wait for the last (MobileNetV3 on 2 cores: 11.5 photos/s at batch 1,
+    6.3 at batch 8, and the worker's end to end faster at 1 too).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ log = logging.getLogger(__name__)
 ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Jobs in download, upload or bookkeeping besides those waiting for the model or imaging.
 IO_THREADS_PER_CORE = 1
+MAX_BATCH_ON_GPU = 8
+MAX_BATCH_ON_CPU = 1
 
 
 @dataclass(frozen=True)
 class ThreadPlan:
+    max_batch: int  # photos per model call
     job_threads: int  # Celery's thread pool
     cpu_slots: int  # jobs decoding, refining, compositing or encoding at once
     torch_threads: int  # torch's intra-op threads (the model's)
@@ -52,13 +59,49 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def plan_threads(settings: Settings, cores: int, *, concurrency: int | None = None) -> ThreadPlan:
+def model_device(device: str) -> str:
+    """ "cuda" or "cpu": where the model will run for a `device` setting (imports torch)."""
+    if device != "auto":
+        return torch_device_type(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_device_type(device: object) -> str:
+    """A torch.device or its name ("cuda:1") as its type ("cuda")."""
+    return str(device).split(":", 1)[0]
+
+
+def default_max_batch(device_type: str) -> int:
+    return MAX_BATCH_ON_GPU if device_type == "cuda" else MAX_BATCH_ON_CPU
+
+
+def resolve_max_batch(settings: Settings, device_type: str | None = None) -> int:
+    """Settings' max_batch, or when unset the default for the device (`device_type`, else
+    where settings.device puts the model)."""
+    if settings.max_batch is not None:
+        return settings.max_batch
+    return default_max_batch(device_type or model_device(settings.device))
+
+
+def plan_threads(
+    settings: Settings,
+    cores: int,
+    *,
+    concurrency: int | None = None,
+    device_type: str | None = None,
+) -> ThreadPlan:
     """The plan for a worker on `cores` cores; settings and --concurrency override each part."""
     cores = max(1, cores)
+    max_batch = resolve_max_batch(settings, device_type)
     cpu_slots = settings.cpu_slots or cores
-    job_threads = concurrency or settings.max_batch + cpu_slots + IO_THREADS_PER_CORE * cores
+    job_threads = concurrency or max_batch + cpu_slots + IO_THREADS_PER_CORE * cores
     return ThreadPlan(
-        job_threads=job_threads, cpu_slots=cpu_slots, torch_threads=settings.torch_threads or cores
+        max_batch=max_batch,
+        job_threads=job_threads,
+        cpu_slots=cpu_slots,
+        torch_threads=settings.torch_threads or cores,
     )
 
 
