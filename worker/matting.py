@@ -130,6 +130,19 @@ class WindowStats:
                 cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
         return cls(backend, guide, radius, count, mean, cov)
 
+    def crop(self, rows: slice, cols: slice) -> WindowStats:
+        """The statistics of the windows centred in rows x cols. Exact for a solve whose
+        unknown pixels lie at least 2 * radius inside the crop: a window reaching past the
+        crop's edge (whose recomputed sums would be cut short) is never one of theirs."""
+        return WindowStats(
+            self.backend,
+            self.guide[:, rows, cols],
+            self.radius,
+            self.count[rows, cols],
+            self.mean[:, rows, cols],
+            {key: value[rows, cols] for key, value in self.cov.items()},
+        )
+
 
 @dataclass
 class Laplacian:
