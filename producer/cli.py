@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import click
 from pydantic import ValidationError
 
-from producer.catalog import ModelName
+from producer.catalog import CLASS_AGNOSTIC, ModelName
 from producer.errors import (
     AccessDenied,
     BackdropError,
@@ -776,16 +776,21 @@ def models() -> None:
 @click.option("--push", "push_to", help="upload below this prefix, e.g. s3://models/backdrop")
 @reports_errors
 def models_pull(model_name: str | None, push_to: str | None) -> None:
-    """Download and verify a model's torchvision weights; optionally push them to a bucket.
+    """Download and verify a model's published weights (torchvision's .pth, rembg's .onnx);
+    optionally push them to a bucket.
 
     Prints the BACKDROP_WEIGHTS value for workers (the pushed location, or the local file).
     Needs the worker install (torch): run it where the worker image or extra is installed.
     """
     settings = get_settings()
     from producer.storage import get_storage
-    from worker.weights import pull
 
-    pulled = pull(model_name or settings.model, push_to, upload=get_storage().upload_file)
+    model_name = model_name or settings.model
+    if model_name in CLASS_AGNOSTIC:
+        from worker.salient import pull_salient as pull
+    else:
+        from worker.weights import pull
+    pulled = pull(model_name, push_to, upload=get_storage().upload_file)
     click.echo(f"{pulled.model}: {pulled.path} sha256:{pulled.sha256}", err=True)
     click.echo(f"BACKDROP_WEIGHTS={pulled.pushed_to or pulled.path}")
 

@@ -12,6 +12,7 @@ from celery import Celery
 from sqlalchemy import select
 
 from producer import broker, jobs
+from producer.catalog import refuse_classes
 from producer.db import session_scope
 from producer.errors import BackdropError, InvalidRequest, JobNotFound
 from producer.locations import S3_SCHEME, canonical
@@ -74,6 +75,8 @@ class Client:
         submitting it."""
         if not isinstance(request, JobRequest):
             request = parse_request(dict(request))
+        # The workers run the model this deployment names; a request cannot pick another.
+        refuse_classes(request.classes, self.settings.model)
         locations = [request.input, request.output, request.mask_output, request.mask]
         if request.effect == "replace":
             locations.append(request.background)

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -14,7 +14,9 @@ import torch
 from onnx import TensorProto
 from PIL import Image
 
-from producer.errors import WeightsUnavailable
+from producer.catalog import CLASS_AGNOSTIC, SalientName, refuse_classes
+from producer.errors import InvalidRequest, WeightsUnavailable
+from producer.settings import Settings
 from tests.support.salient import save_standin
 from worker import salient
 from worker.salient import (
@@ -79,6 +81,22 @@ class CountingSession:
         (batch,) = feeds.values()
         self.calls.append(len(batch))
         return self.inner.run(outputs, feeds)
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+def test_every_salient_name_settings_accept_has_a_published_file_and_no_other() -> None:
+    assert list(SALIENT_MODELS) == list(get_args(SalientName))
+    assert set(SALIENT_MODELS) == CLASS_AGNOSTIC
+    assert Settings(model="isnet-general-use").model == "isnet-general-use"
+
+
+def test_classes_are_refused_for_a_class_agnostic_model_only() -> None:
+    with pytest.raises(InvalidRequest, match="BACKDROP_MODEL=u2net marks the photo's salient"):
+        refuse_classes(["person"], "u2net")
+    refuse_classes(None, "u2net")
+    refuse_classes(["person"], "deeplabv3_resnet50")
 
 
 # --- preprocessing and postprocessing ------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-from producer.catalog import ModelName
+from producer.catalog import DeepLabName
 from producer.errors import InputNotFound, StorageUnavailable, WeightsUnavailable
 from worker.weights import MODELS, check_weights, load_model, resolve_weights, weights_identity
 
@@ -59,8 +59,8 @@ def named_by_hash(state: dict[str, torch.Tensor], folder: Path, prefix: str | No
 # --- loading -------------------------------------------------------------------------------
 
 
-def test_every_model_settings_accept_has_an_architecture_and_no_other() -> None:
-    assert list(MODELS) == list(get_args(ModelName))
+def test_every_deeplab_model_settings_accept_has_an_architecture_and_no_other() -> None:
+    assert list(MODELS) == list(get_args(DeepLabName))
 
 
 def test_a_published_style_file_loads_strictly_and_the_aux_head_is_dropped(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from producer.catalog import refuse_classes
 from producer.errors import InputNotFound
 from producer.locations import FILE_SCHEME, real_path
 from producer.outputs import STDIO, Pair
@@ -17,6 +18,7 @@ from producer.request import Effect, parse_request
 from producer.settings import Settings
 from producer.storage import Storage
 from worker.pipeline import Imaging, Reader, Timings, store
+from worker.salient import SalientSegmenter
 from worker.segmenter import Segmenter, load_segmenter
 
 if TYPE_CHECKING:
@@ -68,7 +70,7 @@ class LocalProcessor:
     def __init__(self, settings: Settings, fields: dict[str, Any]) -> None:
         self._settings = settings
         self._fields = dict(fields)
-        self._segmenter: Segmenter | None = None
+        self._segmenter: Segmenter | SalientSegmenter | None = None
         self._imaging = Imaging(
             self._segment,
             device=self._device,
@@ -92,6 +94,7 @@ class LocalProcessor:
         if mask_file is not None:
             fields["mask"] = _location(mask_file)
         request = parse_request(fields)
+        refuse_classes(request.classes, self._settings.model)
         read = read_local if pair.input != STDIO else _with_stdin_at(request.input)
         timings = Timings()
         rendered = self._imaging.process(request, read, timings, want_mask=save_mask is not None)

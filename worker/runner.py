@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from producer.catalog import CLASS_AGNOSTIC
 from producer.logs import configure as configure_logging
 from producer.settings import Settings
 from producer.storage import get_storage
@@ -37,10 +38,17 @@ log = logging.getLogger(__name__)
 def preflight(settings: Settings) -> None:
     """Fail before taking any message if no weights can be had or they do not fit the model
     (WeightsUnavailable): otherwise a worker would start fine and fail every job."""
-    from worker.weights import check_weights, resolve_weights
+    fetch = get_storage().download_file
+    if settings.model in CLASS_AGNOSTIC:
+        from worker.salient import check_salient_weights, resolve_salient_weights
 
-    path = resolve_weights(settings.model, settings.weights, fetch=get_storage().download_file)
-    check_weights(settings.model, path)
+        path = resolve_salient_weights(settings.model, settings.weights, fetch=fetch)
+        check_salient_weights(settings.model, path)
+    else:
+        from worker.weights import check_weights, resolve_weights
+
+        path = resolve_weights(settings.model, settings.weights, fetch=fetch)
+        check_weights(settings.model, path)
     log.info("model %s, weights %s", settings.model, path)
 
 

@@ -30,7 +30,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from producer.catalog import SalientName
 from producer.errors import WeightsUnavailable
+from producer.request import FOREGROUND_CLASSES
 from worker.weights import (
     DOWNLOAD_TIMEOUT_S,
     Fetch,
@@ -73,7 +75,7 @@ class SalientSpec:
 
 # Source: danielgatis/rembg at 684f8e9 (2026-07-18), rembg/sessions/u2net.py, u2netp.py and
 # dis_general_use.py: URL, md5, input size, mean and std as passed to BaseSession.normalize.
-SALIENT_MODELS: dict[str, SalientSpec] = {
+SALIENT_MODELS: dict[SalientName, SalientSpec] = {
     "u2net": SalientSpec(
         f"{_RELEASES}/u2net.onnx",
         "60024c5c889badc19c04ad937298a77b",
@@ -100,7 +102,7 @@ SALIENT_MODELS: dict[str, SalientSpec] = {
 
 def salient_spec(model_name: str) -> SalientSpec:
     try:
-        return SALIENT_MODELS[model_name]
+        return SALIENT_MODELS[model_name]  # type: ignore[index]  # a str from the CLI or a test
     except KeyError:
         known = ", ".join(SALIENT_MODELS)
         raise WeightsUnavailable(
@@ -356,6 +358,7 @@ class SalientSegmenter:
         self.signature = check_signature(session, name, path)
         self._session = session
         self._on_cuda = "CUDAExecutionProvider" in session.get_providers()
+        self._warned = False
 
     @classmethod
     def load(
@@ -404,6 +407,7 @@ class SalientSegmenter:
         """
         if len(images) != len(classes):
             raise ValueError(f"{len(images)} images but {len(classes)} class lists")
+        self._warn_of_classes(classes)
         if not images:
             return []
         for image in images:
@@ -417,6 +421,18 @@ class SalientSegmenter:
             postprocess(raw[i, 0], image.shape[:2], self.spec.input_size)
             for i, image in enumerate(images)
         ]
+
+    def _warn_of_classes(self, classes: Sequence[Sequence[int]]) -> None:
+        """Submission refuses classes where the API runs with this model; a job that still
+        selects some (an API configured with a DeepLab model) gets the salient subject."""
+        if self._warned or all(len(set(chosen)) >= len(FOREGROUND_CLASSES) for chosen in classes):
+            return
+        self._warned = True
+        log.warning(
+            "%s knows no classes: jobs' classes are ignored (set the API's BACKDROP_MODEL to "
+            "the workers' so that it refuses them)",
+            self.name,
+        )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self._session.run([self.signature.output_name], {self.signature.input_name: batch})

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from producer.catalog import CLASS_AGNOSTIC
 from producer.settings import Settings
+from worker.salient import SalientSegmenter
 from worker.weights import NUM_CLASSES, Fetch, load_model, resolve_weights, weights_identity
 
 log = logging.getLogger(__name__)
@@ -164,9 +166,17 @@ class Segmenter:
         return logits.softmax(dim=1)
 
 
-def load_segmenter(settings: Settings, fetch: Fetch | None = None) -> Segmenter:
+def load_segmenter(settings: Settings, fetch: Fetch | None = None) -> Segmenter | SalientSegmenter:
     """The configured model on the configured device; `fetch` downloads BACKDROP_WEIGHTS
     when it names a location in storage."""
+    if settings.model in CLASS_AGNOSTIC:
+        return SalientSegmenter.load(
+            settings.model,
+            weights=settings.weights,
+            device=settings.device,
+            threads=settings.torch_threads,
+            fetch=fetch,
+        )
     return Segmenter.load(
         settings.model,
         weights=settings.weights,

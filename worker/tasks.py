@@ -28,6 +28,7 @@ from worker import budget, messages
 from worker.batcher import Batcher
 from worker.imageio import image_size
 from worker.pipeline import Imaging, Inputs, Timings, named, store
+from worker.salient import SalientSegmenter
 from worker.segmenter import Segmenter, load_segmenter
 from worker.threadplan import CpuSlots, cores, plan_threads
 
@@ -145,7 +146,7 @@ def get_imaging() -> Imaging:
 
 def _device(batcher: Batcher) -> torch.device | None:
     segmenter = batcher.segmenter
-    return segmenter.device if isinstance(segmenter, Segmenter) else None
+    return segmenter.device if isinstance(segmenter, Segmenter | SalientSegmenter) else None
 
 
 def process(job: Job, settings: Settings, storage: Storage, imaging: Imaging) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torchvision.models import segmentation
 
-from producer.catalog import ModelName
+from producer.catalog import DeepLabName
 from producer.errors import TransientError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ class ModelSpec:
         return _url_file_name(self.url)
 
 
-# One spec per name of the registry that settings validates against (producer.catalog.ModelName).
-MODELS: dict[ModelName, ModelSpec] = {
+# One spec per DeepLabV3 name of the registry that settings validates against (producer.catalog);
+# the class-agnostic ones are worker/salient.py's.
+MODELS: dict[DeepLabName, ModelSpec] = {
     "deeplabv3_resnet101": ModelSpec(
         segmentation.deeplabv3_resnet101,
         segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,

@@ -40,6 +40,7 @@ from producer.backfill.planning import (
 )
 from producer.backfill.records import RESUMABLE
 from producer.backfill.source import Chunk, Item, is_manifest, read_ahead, under, walk
+from producer.catalog import refuse_classes
 from producer.db import session_scope
 from producer.errors import (
     BackdropError,
@@ -402,6 +403,7 @@ class BackfillRunner:
         for name, location in (("source", source), ("output_prefix", output_prefix)):
             _check_location(name, location)
         template = template_request(options)
+        refuse_classes(template.classes, self.settings.model)
         self.storage.check_allowed(join(output_prefix, "_backfills/check"))
         if template.effect == "replace" and template.background:
             self.storage.check_allowed(template.background)

@@ -22,6 +22,7 @@ INPUT_NAMES = {"u2net": "input.1", "u2netp": "input.1", "isnet-general-use": "in
 U2NET_SIDE_OUTPUTS = 7
 # Red minus the other channels, steep: a red subject ~1, a grey or white backdrop ~0.
 RED_WEIGHTS = (4.0, -2.0, -2.0)
+BIAS = -1.0
 
 
 def standin_model(
@@ -52,7 +53,7 @@ def standin_model(
         nodes.append(helper.make_node("Sigmoid", [scaled], [output]))
     initializers = [
         numpy_helper.from_array(kernel, "w"),
-        numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+        numpy_helper.from_array(np.full(1, BIAS, np.float32), "b"),
         *(
             numpy_helper.from_array(np.array(1.0 / (1 + i), np.float32), f"scale_{i}")
             for i in range(len(output_names))
