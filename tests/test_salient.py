@@ -363,3 +363,16 @@ def test_auto_prefers_cuda_where_onnxruntime_has_it(monkeypatch: pytest.MonkeyPa
 def test_the_module_imports_no_onnxruntime_until_a_model_is_opened() -> None:
     # The producer and a DeepLab-only worker never install it.
     assert "onnxruntime" not in vars(salient)
+
+
+def test_a_worker_warns_once_that_it_ignores_a_jobs_classes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = segmenter(save_standin(tmp_path / "m.onnx", "u2netp"), "u2netp")
+    photo = product_photo(40, 40, (0, 20, 0, 20))
+    every = list(range(1, 21))  # what a job without classes selects
+    model.predict([photo], [every])
+    assert "ignored" not in caplog.text
+    first, again = model.predict([photo], [[15]]), model.predict([photo], [[15]])
+    np.testing.assert_array_equal(first[0], again[0])
+    assert caplog.text.count("u2netp knows no classes: jobs' classes are ignored") == 1

@@ -425,7 +425,8 @@ class SalientSegmenter:
     def _warn_of_classes(self, classes: Sequence[Sequence[int]]) -> None:
         """Submission refuses classes where the API runs with this model; a job that still
         selects some (an API configured with a DeepLab model) gets the salient subject."""
-        if self._warned or all(len(set(chosen)) >= len(FOREGROUND_CLASSES) for chosen in classes):
+        narrower = any(0 < len(set(chosen)) < len(FOREGROUND_CLASSES) for chosen in classes)
+        if self._warned or not narrower:
             return
         self._warned = True
         log.warning(
