@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -376,3 +377,12 @@ def test_a_worker_warns_once_that_it_ignores_a_jobs_classes(
     first, again = model.predict([photo], [[15]]), model.predict([photo], [[15]])
     np.testing.assert_array_equal(first[0], again[0])
     assert caplog.text.count("u2netp knows no classes: jobs' classes are ignored") == 1
+
+
+def test_a_worker_without_onnxruntime_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save_standin(tmp_path / "m.onnx", "u2netp")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(WeightsUnavailable, match=r"pip install 'backdrop\[worker,onnx\]'"):
+        check_salient_weights("u2netp", path)

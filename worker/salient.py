@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Self
 
 import cv2
 import numpy as np
@@ -296,9 +296,7 @@ def _misfit_message(model_name: str, path: Path, found: str, expected: str) -> s
 def providers_for(device: str) -> list[str]:
     """onnxruntime's execution providers for BACKDROP_DEVICE: "auto" means CUDA when the
     installed onnxruntime has it (onnxruntime-gpu), else the CPU."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
+    available = _onnxruntime().get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not has_cuda:
         raise WeightsUnavailable(
@@ -310,12 +308,24 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _onnxruntime() -> Any:
+    """The onnxruntime module, or WeightsUnavailable saying how to install it: a worker
+    installed without the onnx extra runs the DeepLab models only."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise WeightsUnavailable(
+            "the salient models run on onnxruntime, which is not installed: "
+            "pip install 'backdrop[worker,onnx]' (or onnxruntime-gpu on a GPU worker)"
+        ) from None
+    return onnxruntime
+
+
 def open_session(
     path: Path, model_name: str, *, device: str = "cpu", threads: int | None = None
 ) -> onnxruntime.InferenceSession:
     """An inference session on the file; WeightsUnavailable if it is not a readable model."""
-    import onnxruntime
-
+    onnxruntime = _onnxruntime()
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
