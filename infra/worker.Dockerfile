@@ -37,12 +37,15 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1
 # Every other dependency, from pyproject.toml alone (empty packages stand in for the code),
 # so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
+# The onnx extra runs the class-agnostic models (u2net, u2netp, isnet-general-use) on
+# onnxruntime's CPU build; a GPU image may build with EXTRAS=worker and add onnxruntime-gpu.
+ARG EXTRAS=worker,onnx
 # DL3013 asks for pinned pip packages: this installs the local project, whose dependencies
 # pyproject.toml constrains (torch and torchvision exactly).
 # hadolint ignore=DL3013
 RUN mkdir producer worker \
     && touch producer/__init__.py worker/__init__.py \
-    && pip install ".[worker]" \
+    && pip install ".[$EXTRAS]" \
     && pip uninstall -y backdrop \
     && rm -rf producer worker build ./*.egg-info
 

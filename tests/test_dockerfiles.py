@@ -90,7 +90,7 @@ def test_images_run_as_a_numeric_non_root_user_and_have_a_health_check(dockerfil
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dependencies_are_installed_before_the_code_is_copied(dockerfile: Path) -> None:
     lines = instructions(dockerfile)
-    dependencies = index_of(lines, r"^RUN .*pip install \"?\.(\[worker\])?\"? ")
+    dependencies = index_of(lines, r"^RUN .*pip install \"?\.(\[(worker|\$EXTRAS)\])?\"? ")
     code = index_of(lines, r"^COPY producer \./producer")
     assert dependencies < code
     # The layer that copies the code installs nothing but the project itself.
