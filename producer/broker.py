@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -20,7 +19,7 @@ from kombu.utils.json import dumps
 
 from producer.errors import TransientError
 from producer.request import Queue as QueueName
-from producer.settings import Settings, get_settings
+from producer.settings import Settings
 
 TASK_NAME = "backdrop.process_job"
 QUEUE_NAMES = [QueueName.INTERACTIVE.value, QueueName.BULK.value]
@@ -85,11 +84,6 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=False,
     )
     return app
-
-
-@lru_cache(maxsize=1)
-def get_celery() -> Celery:
-    return make_celery(get_settings())
 
 
 def enqueue(app: Celery, jobs: Sequence[tuple[str, str]]) -> None:

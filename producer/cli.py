@@ -783,14 +783,14 @@ def models_pull(model_name: str | None, push_to: str | None) -> None:
     Needs the worker install (torch): run it where the worker image or extra is installed.
     """
     settings = get_settings()
-    from producer.storage import get_storage
+    from producer.services import default_services
 
     model_name = model_name or settings.model
     if model_name in CLASS_AGNOSTIC:
         from worker.salient import pull_salient as pull
     else:
         from worker.weights import pull
-    pulled = pull(model_name, push_to, upload=get_storage().upload_file)
+    pulled = pull(model_name, push_to, upload=default_services().storage.upload_file)
     click.echo(f"{pulled.model}: {pulled.path} sha256:{pulled.sha256}", err=True)
     click.echo(f"BACKDROP_WEIGHTS={pulled.pushed_to or pulled.path}")
 

@@ -45,7 +45,7 @@ from producer.locations import (
     shown,
     unsupported,
 )
-from producer.settings import Settings, get_settings
+from producer.settings import Settings
 
 if TYPE_CHECKING:
     # Stubs only (boto3-stubs[s3]); boto3 itself is imported on first S3 use.
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import ListObjectsV2RequestPaginateTypeDef
 
-__all__ = ["FILE_SCHEME", "S3_SCHEME", "ObjectInfo", "Storage", "get_storage", "join"]
+__all__ = ["FILE_SCHEME", "S3_SCHEME", "ObjectInfo", "Storage", "join"]
 
 log = logging.getLogger(__name__)
 
@@ -581,17 +581,3 @@ def _walk_sorted(
         elif entry.is_file(follow_symlinks=False) and path.startswith(match):
             st = entry.stat(follow_symlinks=False)
             yield ObjectInfo(location=Path(path).as_uri(), size=st.st_size, etag=_file_etag(st))
-
-
-_cached: tuple[Settings, Storage] | None = None
-_cached_lock = threading.Lock()
-
-
-def get_storage() -> Storage:
-    """This process's Storage, rebuilt only when the settings object is replaced."""
-    global _cached
-    settings = get_settings()
-    with _cached_lock:
-        if _cached is None or _cached[0] is not settings:
-            _cached = (settings, Storage(settings))
-        return _cached[1]

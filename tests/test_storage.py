@@ -13,7 +13,6 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from producer import settings as settings_module
 from producer.errors import (
     AccessDenied,
     InputNotFound,
@@ -28,7 +27,6 @@ from producer.storage import (
     Storage,
     _translate,
     content_type_for,
-    get_storage,
     join,
     os_error,
 )
@@ -472,17 +470,6 @@ def test_content_type_for_knows_the_output_formats() -> None:
     assert content_type_for("webp") == "image/webp"
     with pytest.raises(UnsupportedFormat):
         content_type_for("gif")
-
-
-def test_get_storage_is_cached_until_the_settings_are_replaced(
-    monkeypatch: pytest.MonkeyPatch, root: Path
-) -> None:
-    monkeypatch.setattr(settings_module, "_current", Settings(local_roots=[str(root)]))
-    first = get_storage()
-    assert get_storage() is first
-
-    monkeypatch.setattr(settings_module, "_current", Settings(local_roots=[str(root)]))
-    assert get_storage() is not first
 
 
 # --- internal state, canonical keys, OS errors -------------------------------------------

@@ -24,9 +24,9 @@ from producer.db import upgrade
 from producer.errors import DemoFailed
 from producer.jobtable import format_table
 from producer.models import JobStatus
-from producer.services import Services
+from producer.services import Services, default_services
 from producer.settings import Settings
-from producer.storage import get_storage, join
+from producer.storage import join
 from worker.imageio import decode_image
 from worker.runner import preflight
 
@@ -76,7 +76,7 @@ def run_demo(settings: Settings, output_dir: Path, echo: Callable[[str], None] =
     started = time.monotonic()
     preflight(settings)  # the actionable weights message, before anything starts
     upgrade(settings.database_url)
-    storage = get_storage()
+    storage = default_services().storage
     client = Client(Services(settings))
     photos = sample_photos()
     run_id = time.strftime("%Y%m%d-%H%M%S")
@@ -220,7 +220,7 @@ def _imdecode(data: bytes, flags: int) -> np.ndarray:
 def _contact_sheet(records: list[dict[str, Any]], inputs: dict[str, str], output_dir: Path) -> Path:
     """A header row naming the columns, then one row per photo: the original, its mask,
     then each effect's output; saves the outputs too."""
-    storage = get_storage()
+    storage = default_services().storage
     rows = [_header()]
     by_input: dict[str, list[dict[str, Any]]] = {}
     for record in records:

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 from producer.catalog import CLASS_AGNOSTIC
 from producer.logs import configure as configure_logging
+from producer.services import default_services
 from producer.settings import Settings
-from producer.storage import get_storage
 from worker.threadplan import ThreadPlan, cores, plan_threads, prepare_environment
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def preflight(settings: Settings) -> None:
     """Fail before taking any message if no weights can be had or they do not fit the model
     (WeightsUnavailable): otherwise a worker would start fine and fail every job."""
-    fetch = get_storage().download_file
+    fetch = default_services().storage.download_file
     if settings.model in CLASS_AGNOSTIC:
         from worker.salient import check_salient_weights, resolve_salient_weights
 

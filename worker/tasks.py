@@ -15,15 +15,16 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready
 
 from producer import jobs, metrics
-from producer.broker import MAX_RETRY_DELAY_S, TASK_NAME, get_celery
+from producer.broker import MAX_RETRY_DELAY_S, TASK_NAME
 from producer.db import session_scope
 from producer.errors import BackdropError, DatabaseUnavailable, TransientError, WorkerLost
 from producer.leases import LeaseKeeper
 from producer.logs import job_context
 from producer.models import Job
 from producer.request import JobRequest, parse_request
-from producer.settings import Settings, get_settings
-from producer.storage import Storage, get_storage
+from producer.services import default_services
+from producer.settings import Settings
+from producer.storage import Storage
 from worker import budget, messages
 from worker.batcher import Batcher
 from worker.imageio import image_size
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-app = get_celery()
+app = default_services().celery
 messages.guard(app)
 
 _batcher: Batcher | None = None
@@ -60,9 +61,9 @@ def get_batcher() -> Batcher:
     global _batcher
     with _batcher_lock:
         if _batcher is None:
-            settings = get_settings()
+            settings = default_services().settings
             _batcher = Batcher(
-                lambda: load_segmenter(settings, fetch=get_storage().download_file),
+                lambda: load_segmenter(settings, fetch=default_services().storage.download_file),
                 max_batch=settings.max_batch,
                 max_wait_ms=settings.max_wait_ms,
             )
@@ -74,7 +75,7 @@ def get_budget() -> budget.MemoryBudget:
     global _budget
     with _batcher_lock:
         if _budget is None:
-            _budget = budget.MemoryBudget(budget.capacity_bytes(get_settings()))
+            _budget = budget.MemoryBudget(budget.capacity_bytes(default_services().settings))
             log.info("memory budget for images: %.0f MB", _budget.capacity / budget.MB)
         return _budget
 
@@ -84,7 +85,7 @@ def get_cpu_slots() -> CpuSlots:
     global _cpu_slots
     with _batcher_lock:
         if _cpu_slots is None:
-            _cpu_slots = CpuSlots(plan_threads(get_settings(), cores()).cpu_slots)
+            _cpu_slots = CpuSlots(plan_threads(default_services().settings, cores()).cpu_slots)
         return _cpu_slots
 
 
@@ -92,7 +93,7 @@ def get_leases() -> LeaseKeeper:
     global _leases
     with _batcher_lock:
         if _leases is None:
-            _leases = LeaseKeeper(get_settings(), app)
+            _leases = LeaseKeeper(default_services().settings, app)
             _leases.start()
         return _leases
 
@@ -131,7 +132,7 @@ def request_of(job: Job) -> JobRequest:
 def get_imaging() -> Imaging:
     """The process's imaging path, on its batched model and CPU slots."""
     global _imaging
-    batcher, slots, settings = get_batcher(), get_cpu_slots(), get_settings()
+    batcher, slots, settings = get_batcher(), get_cpu_slots(), default_services().settings
     with _batcher_lock:
         if _imaging is None:
             _imaging = Imaging(
@@ -228,7 +229,7 @@ def execute(job_id: str) -> None:
     """Start the job, run it, record the outcome. A transient failure raises RetryLater
     while the job has attempts left, and is recorded with its code on the last one."""
     with metrics.job_in_flight():
-        _execute(job_id, get_settings())
+        _execute(job_id, default_services().settings)
 
 
 def _execute(job_id: str, settings: Settings) -> None:
@@ -250,7 +251,7 @@ def _execute(job_id: str, settings: Settings) -> None:
     leases = get_leases()
     leases.hold(job_id, attempt)
     try:
-        result = process(job, settings, get_storage(), get_imaging())
+        result = process(job, settings, default_services().storage, get_imaging())
     except Superseded as exc:
         log.warning("%s; stopping without writing", exc)
         return
@@ -321,7 +322,7 @@ def backoff_seconds(retries: int) -> float:
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
 def process_job(self: Task[[str], None], job_id: str) -> None:
-    settings = get_settings()
+    settings = default_services().settings
     with job_context(job_id):
         try:
             execute(job_id)
