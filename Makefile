@@ -21,11 +21,13 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: install
 	$(PY) -m ruff format .
@@ -42,4 +44,4 @@ bench: install
 	$(PY) bench/throughput.py
 
 clean:
-	rm -rf .backdrop demo-output .pytest_cache .ruff_cache
+	rm -rf .backdrop demo-output .pytest_cache .ruff_cache .mypy_cache

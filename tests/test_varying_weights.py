@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -20,5 +22,5 @@ def test_each_photo_gets_its_own_map_with_pixels_on_both_sides_of_a_half(model_n
     maps = logits.softmax(dim=1)[:, 1:].sum(dim=1).numpy()
     split = [(m > 0.5).mean() for m in maps]
     assert sum(0.01 < share < 0.99 for share in split) >= len(maps) - 1, split
-    for first, second in zip(maps, maps[1:], strict=False):
+    for first, second in itertools.pairwise(maps):
         assert np.abs(first - second).mean() > 0.05

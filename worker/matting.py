@@ -65,7 +65,7 @@ class NumpyBackend:
         return x.astype(np.float32)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return x
+        return np.asarray(x)
 
 
 class TorchBackend:
@@ -101,7 +101,7 @@ class TorchBackend:
         return x.float()
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return x.cpu().numpy()
+        return np.asarray(x.cpu().numpy())
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,8 @@ def reference_alpha(mask: np.ndarray) -> np.ndarray:
     gx = cv2.Sobel(mask, cv2.CV_32F, 1, 0, ksize=3, scale=1 / 8)
     gy = cv2.Sobel(mask, cv2.CV_32F, 0, 1, ksize=3, scale=1 / 8)
     slope = np.maximum(np.sqrt(gx * gx + gy * gy) * ramp, 1e-4)
-    return np.clip(0.5 + (mask - 0.5) / slope, 0.0, 1.0)
+    result: np.ndarray = np.clip(0.5 + (mask - 0.5) / slope, 0.0, 1.0)
+    return result
 
 
 def colour_evidence(guide: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +189,7 @@ def _moves(shape: tuple[int, ...]) -> list[Callable[[np.ndarray], np.ndarray]]:
     """Erosions and dilations by each of MOVE_CELLS, and shifts by one cell each way."""
     height, width = shape[:2]
     cell = max(height, width) / MASK_CELLS
-    moves = []
+    moves: list[Callable[[np.ndarray], np.ndarray]] = []
     for cells in MOVE_CELLS:
         size = 2 * max(1, round(cells * cell)) + 1
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
@@ -197,7 +198,7 @@ def _moves(shape: tuple[int, ...]) -> list[Callable[[np.ndarray], np.ndarray]]:
     for dx in (-step, 0, step):
         for dy in (-step, 0, step):
             if dx or dy:
-                shift = np.float32([[1, 0, dx], [0, 1, dy]])
+                shift = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
                 moves.append(
                     partial(
                         cv2.warpAffine,
@@ -225,14 +226,16 @@ def colour_alpha(
         np.clip(separation / SEPARATION, 0.0, 1.0),
         need(mask, reference) * np.clip(separation / NEEDED_SEPARATION, 0.0, 1.0),
     )
-    return reference + trust * (probability - reference)
+    result: np.ndarray = reference + trust * (probability - reference)
+    return result
 
 
 def need(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """0..1: how much the reference misses of the mask, on the mask's grid (see NEED_OFFSET)."""
     missed = np.abs(_on_cells(reference, mask.shape) - _on_cells(mask, mask.shape))
     need = np.clip((missed - NEED_OFFSET) / NEED_RAMP, 0.0, 1.0)
-    return cv2.resize(need, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    result: np.ndarray = cv2.resize(need, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    return result
 
 
 def _on_cells(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -293,7 +296,8 @@ def matte_strip(stats: WindowStats, alpha: np.ndarray) -> np.ndarray:
         weight=PRIOR_WEIGHT,
         iterations=ITERATIONS,
     )
-    return np.clip((matte - 0.5) * STRIP_GAIN + 0.5, 0.0, 1.0).astype(np.float32)
+    result: np.ndarray = np.clip((matte - 0.5) * STRIP_GAIN + 0.5, 0.0, 1.0).astype(np.float32)
+    return result
 
 
 def _bounding_box(where: np.ndarray, margin: int) -> tuple[slice, slice]:
@@ -310,7 +314,8 @@ def checked(matte: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.nd
     disagreement = np.abs(_on_cells(matte, mask.shape) - _on_cells(mask, mask.shape))
     rejected = np.clip((disagreement - CHECK_TOLERANCE) / CHECK_RAMP, 0.0, 1.0)
     rejected = cv2.resize(rejected, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
-    return matte + rejected * (reference - matte)
+    result: np.ndarray = matte + rejected * (reference - matte)
+    return result
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
