@@ -17,7 +17,6 @@ from kombu import Queue
 from kombu.transport import redis
 from kombu.utils.json import dumps
 
-from producer.errors import TransientError
 from producer.request import Queue as QueueName
 from producer.settings import Settings
 
@@ -27,12 +26,6 @@ PUBLISH_BATCH = 1000
 # A transient retry is published due at most this far ahead (workers refuse messages due
 # much later: worker/messages.py).
 MAX_RETRY_DELAY_S = 60.0
-
-
-class BrokerUnavailable(TransientError):
-    """The broker refused or dropped a publish: the jobs were not queued."""
-
-    code = "broker_unavailable"
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from producer import broker, jobs
 from producer.catalog import refuse_classes
 from producer.db import session_scope
-from producer.errors import BackdropError, InvalidRequest, JobNotFound
+from producer.errors import BackdropError, BrokerUnavailable, InvalidRequest, JobNotFound
 from producer.locations import S3_SCHEME, canonical
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
@@ -64,7 +64,7 @@ class Client:
             # Resubmitting is safe; jobs a worker already started keep running.
             with session_scope(self.settings.database_url) as session:
                 withdrawn = jobs.withdraw(session, [job_id for job_id, _ in new])
-            raise broker.BrokerUnavailable(
+            raise BrokerUnavailable(
                 f"the broker did not take the jobs ({type(exc).__name__}); "
                 f"{withdrawn} of {len(new)} new jobs were withdrawn; submit again"
             ) from None

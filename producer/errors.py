@@ -182,3 +182,9 @@ class DemoFailed(BackdropError):
     """`backdrop demo` could not run its flow end to end."""
 
     code = "demo_failed"
+
+
+class BrokerUnavailable(TransientError):
+    """The broker refused or dropped a publish: the jobs were not queued."""
+
+    code = "broker_unavailable"

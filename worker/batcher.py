@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ class Batcher:
         self._segmenter: Segmenter | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self.batch_sizes: Counter[int] = Counter()
         self._thread = threading.Thread(target=self._run, name="backdrop-batcher", daemon=True)
         self._thread.start()
 
@@ -134,7 +132,6 @@ class Batcher:
                 request.future.set_exception(self._load_error)
             return
         assert self._segmenter is not None
-        self.batch_sizes[len(batch)] += 1
         metrics.record_batch(len(batch))
         log.info("segmenting a batch of %d", len(batch))
         try:
