@@ -127,7 +127,9 @@ def command_section(path: tuple[str, ...], command: click.Command) -> list[str]:
     lines = [f"### `{' '.join(path)}`", "", f"```\n{usage}\n```", ""]
     help_text = inspect.cleandoc(command.help or "") or "(no help text)"
     lines += [help_text.replace("\b\n", ""), ""]
-    params = [p for p in command.get_params(context) if p.name != "help"]
+    # The help option is listed once, in the preamble; click caches it with whichever names
+    # the first context that asked for it had, so it is left out by its option, not its name.
+    params = [p for p in command.get_params(context) if "--help" not in p.opts]
     if params:
         rows = [
             (
