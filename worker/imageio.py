@@ -292,3 +292,15 @@ def _rgb_profile(icc: bytes | None) -> bytes | None:
     if icc and len(icc) >= 128 and icc[_ICC_COLOUR_SPACE] == b"RGB ":
         return icc
     return None
+
+
+def check_image(image: np.ndarray) -> None:
+    """Raise ValueError unless `image` is a non-empty (H, W, 3) uint8 RGB array."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB pixels, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image of shape {image.shape}")

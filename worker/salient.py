@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import cv2
 import numpy as np
@@ -33,13 +31,16 @@ from PIL import Image
 from producer.catalog import SalientName
 from producer.errors import WeightsUnavailable
 from producer.request import FOREGROUND_CLASSES
+from worker.imageio import check_image
 from worker.weights import (
-    DOWNLOAD_TIMEOUT_S,
     Fetch,
+    HashMismatch,
     Pulled,
     Upload,
     _configured_weights,
     cache_dir,
+    download_verified,
+    stream_digest,
     weights_identity,
 )
 
@@ -144,7 +145,7 @@ def resolve_salient_weights(
 def verify_pin(path: Path, spec: SalientSpec) -> None:
     """Raise unless the file's md5 is the published one."""
     with path.open("rb") as source:
-        digest = hashlib.file_digest(source, _md5_hasher).hexdigest()
+        digest = stream_digest(source, "md5")
     if digest != spec.md5:
         raise WeightsUnavailable(
             f"{path}: md5 {digest} is not the published {spec.md5} of {spec.file_name}; the "
@@ -153,43 +154,18 @@ def verify_pin(path: Path, spec: SalientSpec) -> None:
         )
 
 
-def _md5_hasher() -> hashlib._Hash:
-    return hashlib.md5(usedforsecurity=False)  # a checksum against corruption, as published
-
-
-def _copy_md5(source: BinaryIO, copy_to: BinaryIO) -> str:
-    """The md5 of a stream read to its end in 1 MiB chunks, each also written to `copy_to`."""
-    digest = _md5_hasher()
-    while chunk := source.read(1 << 20):
-        digest.update(chunk)
-        copy_to.write(chunk)
-    return digest.hexdigest()
-
-
 def _download(url: str, target: Path, spec: SalientSpec) -> Path:
-    """Stream into a temporary file beside the target; it replaces the target only if valid."""
     log.info("downloading weights %s into %s", url, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        try:
-            with (
-                os.fdopen(fd, "wb") as out,
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-            ):
-                digest = _copy_md5(response, out)
-        except (OSError, ValueError) as exc:  # URLError, timeouts, disk errors, odd URLs
-            raise WeightsUnavailable(_missing_message(spec, f"download failed: {exc}")) from None
-        if digest != spec.md5:
-            raise WeightsUnavailable(
-                f"refused the download of {url}: md5 {digest} is not the published {spec.md5}; "
-                "the file was corrupted in transit or the mirror serves another file. "
-                "Nothing was cached"
-            )
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        download_verified(url, target, "md5", spec.md5)
+    except HashMismatch as exc:
+        raise WeightsUnavailable(
+            f"refused the download of {url}: {exc}, the published md5 of {spec.file_name}; "
+            "the file was corrupted in transit or the mirror serves another file. "
+            "Nothing was cached"
+        ) from None
+    except (OSError, ValueError) as exc:  # URLError, timeouts, disk errors, odd URLs
+        raise WeightsUnavailable(_missing_message(spec, f"download failed: {exc}")) from None
     return target
 
 
@@ -421,7 +397,7 @@ class SalientSegmenter:
         if not images:
             return []
         for image in images:
-            _check_image(image)
+            check_image(image)
         batch = np.stack([preprocess(image, self.spec) for image in images])
         if self.signature.batched:
             raw = self._run(batch)
@@ -473,14 +449,3 @@ def postprocess(raw: np.ndarray, photo_shape: tuple[int, ...], side: int) -> np.
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     fitted = cv2.resize(unit.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
     return np.clip(fitted, 0.0, 1.0)
-
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB pixels, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"empty image of shape {image.shape}")

@@ -26,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from producer.catalog import CLASS_AGNOSTIC
 from producer.settings import Settings
+from worker.imageio import check_image
 from worker.salient import SalientSegmenter
 from worker.weights import NUM_CLASSES, Fetch, load_model, resolve_weights, weights_identity
 
@@ -123,7 +124,7 @@ class Segmenter:
         if not images:
             return []
         for image in images:
-            _check_image(image)
+            check_image(image)
         selection = _class_selection(classes).to(self.device)
         fitted = [_fit(image, self.input_size) for image in images]
         maps: list[np.ndarray | None] = [None] * len(images)
@@ -237,17 +238,6 @@ def _fit(image: np.ndarray, side: int) -> np.ndarray:
     # INTER_AREA averages when shrinking (no aliasing); it degrades to nearest when enlarging.
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(image), size, interpolation=interpolation)
-
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB pixels, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"empty image of shape {image.shape}")
 
 
 def _class_selection(classes: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -190,12 +190,15 @@ def verify_hash_prefix(path: Path, name: str | None = None) -> str:
 
 def _sha256(path: Path) -> str:
     with path.open("rb") as source:
-        return _stream_sha256(source)
+        return stream_digest(source)
 
 
-def _stream_sha256(source: BinaryIO, copy_to: BinaryIO | None = None) -> str:
-    """The sha256 of a stream read to its end in 1 MiB chunks, each also written to `copy_to`."""
-    digest = hashlib.sha256()
+def stream_digest(
+    source: BinaryIO, algorithm: str = "sha256", copy_to: BinaryIO | None = None
+) -> str:
+    """The digest of a stream read to its end in 1 MiB chunks, each also written to `copy_to`."""
+    # A checksum against corruption, as the publishers give it (md5 for rembg's files).
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     while chunk := source.read(1 << 20):
         digest.update(chunk)
         if copy_to is not None:
@@ -211,8 +214,8 @@ def _download(url: str, target: Path) -> Path:
         )
     log.info("downloading weights %s into %s", url, target)
     try:
-        _download_verified(url, target, match.group(1))
-    except _HashMismatch as exc:
+        download_verified(url, target, "sha256", match.group(1))
+    except HashMismatch as exc:
         raise WeightsUnavailable(
             f"refused the download of {url}: {exc}; the file was corrupted in transit or the "
             "mirror serves another file. Nothing was cached"
@@ -222,12 +225,13 @@ def _download(url: str, target: Path) -> Path:
     return target
 
 
-class _HashMismatch(Exception):
-    pass
+class HashMismatch(Exception):
+    """A downloaded file's digest is not the pinned one."""
 
 
-def _download_verified(url: str, target: Path, hash_prefix: str) -> None:
-    """Stream into a temporary file beside the target; it replaces the target only if valid."""
+def download_verified(url: str, target: Path, algorithm: str, pinned: str) -> None:
+    """Stream into a temporary file beside the target; it replaces the target only if its
+    digest starts with `pinned` (a whole digest, or torchvision's prefix in a file name)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -236,9 +240,9 @@ def _download_verified(url: str, target: Path, hash_prefix: str) -> None:
             os.fdopen(fd, "wb") as out,
             urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response,
         ):
-            actual = _stream_sha256(response, copy_to=out)
-        if not actual.startswith(hash_prefix):
-            raise _HashMismatch(f"sha256 {actual[:12]}… does not start with {hash_prefix}")
+            actual = stream_digest(response, algorithm, copy_to=out)
+        if not actual.startswith(pinned):
+            raise HashMismatch(f"{algorithm} {actual[:12]}… does not start with {pinned}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
