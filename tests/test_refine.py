@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from worker import refine
 from worker.matting import TorchBackend
 from worker.refine import (
     checked,
@@ -186,6 +187,33 @@ def test_the_torch_solve_agrees_with_the_numpy_solve() -> None:
     on_torch = refine_mask(soft, guide, backend=TorchBackend("cpu")).astype(np.int16)
     assert np.abs(on_numpy - on_torch).max() <= 2
     assert (on_numpy != on_torch).mean() < 0.001
+
+
+def small_subject_scene() -> tuple[np.ndarray, np.ndarray]:
+    """A horse in the bottom-right corner of a 1280x960 photo, cut off by its bottom edge, and
+    the model's view of it."""
+    width, height = 1280, 960
+    guide_part, truth_part, _ = photo_composite(
+        skimage.data.astronaut(), skimage.data.coffee(), 400, 300
+    )
+    guide = cv2.resize(skimage.data.chelsea(), (width, height), interpolation=cv2.INTER_AREA)
+    truth = np.zeros((height, width), np.float32)
+    guide[-200:, -400:] = guide_part[:200]
+    truth[-200:, -400:] = truth_part[:200]
+    return guide, model_view(truth)
+
+
+@pytest.mark.parametrize("backend", [None, TorchBackend("cpu")], ids=["numpy", "torch"])
+def test_a_small_subject_gets_the_alpha_the_whole_frame_computation_gives(
+    monkeypatch, backend
+) -> None:
+    guide, soft = small_subject_scene()
+    tiled = refine_mask(soft, guide, backend=backend).astype(np.int16)
+    # Every pixel live: the guided model fitted on the whole grid, a · I + b on every pixel.
+    monkeypatch.setattr(refine, "_live", lambda matte: np.ones(matte.shape, bool))
+    whole = refine_mask(soft, guide, backend=backend).astype(np.int16)
+    assert np.abs(tiled - whole).max() <= 1
+    assert 0 < (tiled > 127).mean() < 0.2
 
 
 def test_refine_is_deterministic() -> None:

@@ -115,20 +115,33 @@ class WindowStats:
     count: Array  # pixels in each window (fewer at the border)
     mean: Array  # (3, H, W) window colour means
     cov: dict[tuple[int, int], Array]  # the 6 entries (i <= j) of each window's Σ
+    valid: Array | None = None  # (H, W) 1.0 on the image's own pixels; None: all of them
 
     @classmethod
-    def of(cls, guide: np.ndarray, radius: int, backend: Backend) -> WindowStats:
+    def of(
+        cls, guide: np.ndarray, radius: int, backend: Backend, valid: np.ndarray | None = None
+    ) -> WindowStats:
         """In float64: in float32, E[I²] − E[I]² loses the small variances of flat windows,
-        their inverse turns indefinite and conjugate gradients diverge."""
+        their inverse turns indefinite and conjugate gradients diverge.
+
+        valid (H, W), 1.0 or 0.0, marks the pixels that are part of the image (default: all);
+        the guide must be 0 elsewhere. Windows count only valid pixels, so tiles cut from an
+        image and padded past its edge get the statistics the whole image gives them."""
         box = backend.box_sum
         guide = backend.asarray(guide, np.float64)
-        count = box(backend.ones_like(guide[0]), radius)
+        if valid is None:
+            count = box(backend.ones_like(guide[0]), radius)
+        else:
+            inside = backend.asarray(valid, np.float64)
+            # Padding whose window holds no valid pixel counts one: no 0/0 (a NaN would spread
+            # through the box filters' running sums), and no valid pixel ever reads it.
+            count = box(inside, radius) + (1.0 - inside)
         mean = box(guide, radius) / count
         cov = {}
         for i in range(3):
             for j in range(i, 3):
                 cov[i, j] = box(guide[i] * guide[j], radius) / count - mean[i] * mean[j]
-        return cls(backend, guide, radius, count, mean, cov)
+        return cls(backend, guide, radius, count, mean, cov, None if valid is None else inside)
 
     def crop(self, rows: slice, cols: slice) -> WindowStats:
         """The statistics of the windows centred in rows x cols. Exact for a solve whose
@@ -141,6 +154,7 @@ class WindowStats:
             self.count[rows, cols],
             self.mean[:, rows, cols],
             {key: value[rows, cols] for key, value in self.cov.items()},
+            None if self.valid is None else self.valid[rows, cols],
         )
 
 
@@ -154,6 +168,7 @@ class Laplacian:
     count: Array  # pixels in each window (fewer at the border)
     mean: Array  # (3, H, W) window colour means
     inverse: list[Array]  # the 6 entries of each window's symmetric (Σ + εU)⁻¹
+    valid: Array | None = None  # as WindowStats.valid
 
     @classmethod
     def of(cls, guide: np.ndarray, radius: int, eps: float, backend: Backend) -> Laplacian:
@@ -173,6 +188,7 @@ class Laplacian:
             single(stats.count),
             single(stats.mean),
             inverse,
+            None if stats.valid is None else single(stats.valid),
         )
 
     def __call__(self, p: Array) -> Array:
@@ -186,6 +202,8 @@ class Laplacian:
         Filtering"); evaluated on an upsampled guide it carries p to a higher resolution."""
         box, radius = self.backend.box_sum, self.radius
         a, b = self._fit(p)
+        if self.valid is not None:  # windows centred off the image are no windows at all
+            a, b = a * self.valid, b * self.valid
         a = box(a, radius) / self.count
         return self.backend.stack([a[0], a[1], a[2], box(b, radius) / self.count])
 

@@ -90,6 +90,12 @@ CHECK_TOLERANCE = 0.25
 CHECK_RAMP = 0.15
 UPSAMPLE_EPS = 1e-3
 APPLY_ROWS = 64
+# The guided model is fitted in tiles of UPSAMPLE_TILE working pixels that hold a pixel whose
+# model is not trivially (0, 0, 0, matte) (see _live): a one-subject photo's edge crosses a
+# fifth of them. Where over UPSAMPLE_TILED_SHARE of the grid would be tiled (tiles plus halos),
+# the whole grid is fitted at once instead.
+UPSAMPLE_TILE = 32
+UPSAMPLE_TILED_SHARE = 0.7
 
 
 def refine_mask(
@@ -122,14 +128,13 @@ def refine_mask(
     coloured = np.where(band, colour_alpha(llr, separation, mask, reference), reference)
     backend = backend or NumpyBackend()
     channels = np.ascontiguousarray(small_guide.transpose(2, 0, 1))
-    stats = WindowStats.of(channels, WINDOW_RADIUS, backend)
-    matte = matte_strip(stats, checked(coloured, mask, reference))
+    matte = matte_strip(channels, checked(coloured, mask, reference), backend)
     matte = checked(matte, mask, reference)
-    upsampler = Laplacian.from_stats(stats, UPSAMPLE_EPS)
-    model = upsampler.linear_model(backend.asarray(matte))
+    live = _live(matte)
+    model = guided_model(channels, matte, live, backend)
     if isinstance(backend, TorchBackend):
-        return _apply_on_device(model, guide, backend)
-    return _apply(np.ascontiguousarray(model.transpose(1, 2, 0)), guide)
+        return _apply_on_device(backend.asarray(model.transpose(2, 0, 1)), guide, backend)
+    return _apply(model, guide, live)
 
 
 def working_size(width: int, height: int) -> tuple[int, int]:
@@ -272,10 +277,10 @@ def _spread(x: np.ndarray) -> np.ndarray:
     return near + FAR_SHARE * cv2.GaussianBlur(x, (0, 0), FAR_SIGMA)
 
 
-def matte_strip(stats: WindowStats, alpha: np.ndarray) -> np.ndarray:
+def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np.ndarray:
     """Closed-form matting in a strip around alpha's 0.5 contour; outside it alpha is 0 or 1.
 
-    stats are the working guide's (channel-first (3, h, w) in 0..1) window statistics.
+    channels is the working guide, channel-first (3, h, w) in 0..1.
     """
     inside = (alpha > 0.5).astype(np.uint8)
     size = 2 * STRIP_RADIUS + 1
@@ -286,10 +291,10 @@ def matte_strip(stats: WindowStats, alpha: np.ndarray) -> np.ndarray:
     prior = np.where(strip, alpha, inside).astype(np.float32)
     # Solved in the strip's bounding box only, with a margin that makes it exact (see
     # WindowStats.crop): a subject that fills a third of the frame costs a third.
-    rows, cols = _bounding_box(strip, 2 * stats.radius + 1)
+    rows, cols = _bounding_box(strip, 2 * WINDOW_RADIUS + 1)
     matte = prior.copy()
     matte[rows, cols] = solve_matte(
-        stats.crop(rows, cols),
+        _window_stats(channels, rows, cols, backend),
         (~strip[rows, cols]).astype(np.float32),
         prior[rows, cols],
         eps=MATTING_EPS,
@@ -298,6 +303,98 @@ def matte_strip(stats: WindowStats, alpha: np.ndarray) -> np.ndarray:
     )
     result: np.ndarray = np.clip((matte - 0.5) * STRIP_GAIN + 0.5, 0.0, 1.0).astype(np.float32)
     return result
+
+
+def _window_stats(channels: np.ndarray, rows: slice, cols: slice, backend: Backend) -> WindowStats:
+    """The guide's window statistics in rows x cols, from the guide within a window of them:
+    the same as the whole grid's, cropped, at a crop's cost."""
+    height, width = channels.shape[1:]
+    reach = WINDOW_RADIUS
+    outer_rows = slice(max(0, rows.start - reach), min(height, rows.stop + reach))
+    outer_cols = slice(max(0, cols.start - reach), min(width, cols.stop + reach))
+    stats = WindowStats.of(channels[:, outer_rows, outer_cols], WINDOW_RADIUS, backend)
+    return stats.crop(
+        slice(rows.start - outer_rows.start, rows.stop - outer_rows.start),
+        slice(cols.start - outer_cols.start, cols.stop - outer_cols.start),
+    )
+
+
+def _live(matte: np.ndarray) -> np.ndarray:
+    """Where the guided model of matte is not exactly (0, 0, 0, matte): within two window
+    radii (a window of windows) of a pixel that is not the same 0 or 1 as its neighbours."""
+    size = 4 * WINDOW_RADIUS + 1
+    kernel = np.ones((size, size), np.uint8)
+    # Erosion's border is the maximum: pixels past the image's edge never make one live.
+    zero = cv2.erode((matte == 0).astype(np.uint8), kernel)
+    one = cv2.erode((matte == 1).astype(np.uint8), kernel)
+    result: np.ndarray = cv2.bitwise_or(zero, one) == 0
+    return result
+
+
+def guided_model(
+    channels: np.ndarray, matte: np.ndarray, live: np.ndarray, backend: Backend
+) -> np.ndarray:
+    """(h, w, 4): the guided filter's (a_r, a_g, a_b, b) of matte on the working guide,
+    (0, 0, 0, matte) away from live pixels, fitted only in the tiles that hold live ones."""
+    height, width = matte.shape
+    model = np.zeros((height, width, 4), np.float32)
+    model[:, :, 3] = matte
+    tiles = _live_tiles(live)
+    side = UPSAMPLE_TILE + 4 * WINDOW_RADIUS
+    if not tiles:
+        return model
+    if len(tiles) * side * side > UPSAMPLE_TILED_SHARE * height * width:
+        stats = WindowStats.of(channels, WINDOW_RADIUS, backend)
+        fitted = Laplacian.from_stats(stats, UPSAMPLE_EPS).linear_model(backend.asarray(matte))
+        return np.ascontiguousarray(backend.to_numpy(fitted).transpose(1, 2, 0))
+    guide, p, valid = _mosaic(channels, matte, tiles)
+    stats = WindowStats.of(guide, WINDOW_RADIUS, backend, valid=valid)
+    laplacian = Laplacian.from_stats(stats, UPSAMPLE_EPS)
+    fitted = backend.to_numpy(laplacian.linear_model(backend.asarray(p)))
+    halo = 2 * WINDOW_RADIUS
+    for k, (top, left) in enumerate(tiles):
+        bottom, right = min(height, top + UPSAMPLE_TILE), min(width, left + UPSAMPLE_TILE)
+        row = k * side + halo
+        core = fitted[:, row : row + bottom - top, halo : halo + right - left]
+        model[top:bottom, left:right] = core.transpose(1, 2, 0)
+    return model
+
+
+def _live_tiles(live: np.ndarray) -> list[tuple[int, int]]:
+    """The (top, left) corners of the UPSAMPLE_TILE tiles that hold a live pixel."""
+    height, width = live.shape
+    tile = UPSAMPLE_TILE
+    across, down = -(-width // tile), -(-height // tile)
+    padded = np.zeros((down * tile, across * tile), bool)
+    padded[:height, :width] = live
+    hit = padded.reshape(down, tile, across, tile).any(axis=(1, 3))
+    return [(int(i) * tile, int(j) * tile) for i, j in zip(*np.nonzero(hit), strict=True)]
+
+
+def _mosaic(
+    channels: np.ndarray, matte: np.ndarray, tiles: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tiles, each with a halo of two window radii (what makes its core's guided model
+    exact), stacked in a column: guide, matte and which pixels are the image's own."""
+    height, width = matte.shape
+    halo = 2 * WINDOW_RADIUS
+    side = UPSAMPLE_TILE + 2 * halo
+    guide = np.zeros((3, len(tiles) * side, side), np.float32)
+    p = np.zeros((len(tiles) * side, side), np.float32)
+    valid = np.zeros_like(p)
+    for k, (top, left) in enumerate(tiles):
+        rows = slice(max(0, top - halo), min(height, top + UPSAMPLE_TILE + halo))
+        cols = slice(max(0, left - halo), min(width, left + UPSAMPLE_TILE + halo))
+        row = k * side + halo - (top - rows.start)
+        col = halo - (left - cols.start)
+        into = (
+            slice(row, row + rows.stop - rows.start),
+            slice(col, col + cols.stop - cols.start),
+        )
+        guide[:, into[0], into[1]] = channels[:, rows, cols]
+        p[into] = matte[rows, cols]
+        valid[into] = 1.0
+    return guide, p, valid
 
 
 def _bounding_box(where: np.ndarray, margin: int) -> tuple[slice, slice]:
@@ -326,20 +423,32 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
+def _apply(coeffs: np.ndarray, guide: np.ndarray, live: np.ndarray) -> np.ndarray:
     """alpha = a · I + b at full resolution, with a and b upsampled bilinearly.
 
     (a, b) · (I, 255) / 255 per pixel, APPLY_ROWS rows at a time: the float products of a
-    band stay in cache instead of passing through memory as full-resolution planes."""
+    band stay in cache instead of passing through memory as full-resolution planes. Only
+    between the band's first and last live working columns: either side of them the model is
+    (0, 0, 0, one 0 or 1) and alpha that 0 or 255."""
     height, width = guide.shape[:2]
     full = _resize(coeffs, width, height)
     alpha = np.empty((height, width), np.uint8)
     to_bytes = np.full((1, 4), 255, np.float32)
     for top in range(0, height, APPLY_ROWS):
-        rows = guide[top : top + APPLY_ROWS]
+        bottom = min(height, top + APPLY_ROWS)
+        reads = _working_span(top, bottom, height, live.shape[0])
+        first, last = _live_span(live[reads])
+        if first > last:  # nothing live: the band is one trivial 0 or 1
+            alpha[top:bottom] = _trivial_byte(coeffs[reads.start, 0])
+            continue
+        left = max(0, _full_index(first - 1, width, live.shape[1]) - 1)
+        right = min(width, _full_index(last + 1, width, live.shape[1]) + 2)
+        alpha[top:bottom, :left] = _trivial_byte(coeffs[reads.start, 0])
+        alpha[top:bottom, right:] = _trivial_byte(coeffs[reads.start, -1])
+        rows = guide[top:bottom, left:right]
         opaque = np.full(rows.shape[:2], 255, np.uint8)
         products = cv2.multiply(
-            full[top : top + APPLY_ROWS],
+            full[top:bottom, left:right],
             cv2.merge([*cv2.split(rows), opaque]),
             dtype=cv2.CV_32F,
             scale=1 / 255,
@@ -347,8 +456,33 @@ def _apply(coeffs: np.ndarray, guide: np.ndarray) -> np.ndarray:
         q = cv2.transform(products, to_bytes)
         np.add(q, 0.5, out=q)
         np.clip(q, 0, 255, out=q)
-        alpha[top : top + APPLY_ROWS] = q
+        alpha[top:bottom, left:right] = q
     return alpha
+
+
+def _working_span(first: int, stop: int, full: int, working: int) -> slice:
+    """The working rows (or columns) a bilinear upsample reads for full ones first..stop-1,
+    with one to spare either side."""
+    scale = working / full
+    low = int(np.floor((first + 0.5) * scale - 0.5)) - 1
+    high = int(np.floor((stop - 0.5) * scale - 0.5)) + 3
+    return slice(max(0, low), min(working, high))
+
+
+def _live_span(live: np.ndarray) -> tuple[int, int]:
+    """The first and last columns holding a live pixel; (1, 0) where none does."""
+    columns = np.flatnonzero(live.any(axis=0))
+    return (int(columns[0]), int(columns[-1])) if columns.size else (1, 0)
+
+
+def _full_index(working_index: float, full: int, working: int) -> int:
+    """The full-resolution pixel whose bilinear sample lands on working_index (rounded down)."""
+    return int(np.floor((working_index + 0.5) * full / working - 0.5))
+
+
+def _trivial_byte(coefficients: np.ndarray) -> int:
+    """The alpha of a trivial model (0, 0, 0, b), b being 0 or 1 give or take rounding."""
+    return 255 if coefficients[3] > 0.5 else 0
 
 
 def _apply_on_device(model: Any, guide: np.ndarray, backend: TorchBackend) -> np.ndarray:
