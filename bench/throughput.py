@@ -32,15 +32,19 @@ ends with one TARGET line per target of issue 13: codecs and compositing togethe
 and (c) at max batch over (b2) (MobileNetV3; PNG and JPEG) or (b1) (ResNet-101), as the
 ratio of the rounds' means and of each side's best round.
 
-Random-init weights unless --weights is given: speed does not depend on their values, as
-long as the masks they give vary with the photo, as real weights' do, so every stage
-(refinement above all) costs what it would with the published weights
-(tests/support/weights.py: BatchNorm calibrated on real photos, classifier spread).
+Random-init weights unless --weights is given. The model's speed does not depend on their
+values, but refinement's and colour estimation's do: their work follows the mask's edge.
+--masks subject (the default) trains the classifier (the backbone stays random) to outline
+each photo's subject, so masks have one subject and a real photo's edge length (about 3% of
+the photo in the edge band); --masks noise keeps varying_model's blobs all over the frame
+(a quarter of the photo in the band): the worst case for edge work, several times a real
+photo's. Both are tests/support/weights.py's; subject weights take ~2 min to train once and
+are cached in ~/.cache/backdrop-bench.
 Needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and moto (the dev extra).
 
     .venv/bin/python bench/throughput.py [--model deeplabv3_mobilenet_v3_large] [--photos 24]
         [--max-batch N] [--rounds 2] [--input-size N] [--tutorial-size 520]
-        [--formats png,jpeg] [--memory-jobs 0]
+        [--formats png,jpeg] [--masks subject|noise] [--memory-jobs 0]
     .venv/bin/python bench/throughput.py --model deeplabv3_resnet101 --photos 6
 
 The worker's model sees the photo's long side at --input-size; the tutorial's sees its short
@@ -54,6 +58,7 @@ too.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import sys
@@ -85,7 +90,7 @@ from producer.settings import Settings
 from producer.storage import Storage
 from tests.support.postgres import fresh_database
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
-from tests.support.weights import save_varying_weights
+from tests.support.weights import save_subject_weights, save_varying_weights
 from worker.segmenter import Segmenter
 from worker.threadplan import default_max_batch
 from worker.weights import MODELS, load_model
@@ -141,9 +146,10 @@ def model_only(segmenter: Segmenter, photos: list[bytes], batch: int) -> float:
 STAGE_SIZE = (1600, 1200)  # "2 MP": the middle of SIZES
 
 
-def stage_cpu(segmenter: Segmenter, photos: int = 8) -> dict[str, float]:
+def stage_cpu(segmenter: Segmenter, photos: int = 8) -> tuple[dict[str, float], float]:
     """CPU ms per stage of the default job (remove -> white), median over photos at
-    STAGE_SIZE, on one thread (OpenCV's and torch's): what each stage costs a core."""
+    STAGE_SIZE, on one thread (OpenCV's and torch's): what each stage costs a core; and the
+    mean share of the photo in the alpha's edge band (0 < alpha < 255)."""
     from worker.composite import remove_background
     from worker.foreground import estimate_foreground
     from worker.imageio import decode_image, encode_image
@@ -153,6 +159,7 @@ def stage_cpu(segmenter: Segmenter, photos: int = 8) -> dict[str, float]:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     costs: dict[str, list[float]] = {}
+    bands = []
 
     @contextmanager
     def timed(stage: str) -> Iterator[None]:
@@ -168,6 +175,7 @@ def stage_cpu(segmenter: Segmenter, photos: int = 8) -> dict[str, float]:
                 soft = segmenter.predict([photo.rgb], [range(1, 21)])[0]
             with timed("refine"):
                 alpha = refine_mask(soft, photo.rgb)
+            bands.append(cv2.countNonZero(cv2.inRange(alpha, 1, 254)) / alpha.size)
             with timed("decontaminate"):
                 colours = estimate_foreground(photo.rgb, alpha)
             with timed("composite"):
@@ -178,7 +186,33 @@ def stage_cpu(segmenter: Segmenter, photos: int = 8) -> dict[str, float]:
                 encode_image(pixels, "jpeg", quality=JPEG_QUALITY)
     finally:
         torch.set_num_threads(threads)
-    return {stage: float(np.median(ms[1:])) for stage, ms in costs.items()}  # first: warm-up
+    medians = {stage: float(np.median(ms[1:])) for stage, ms in costs.items()}  # first: warm-up
+    return medians, float(np.mean(bands))
+
+
+MASKS = {
+    "subject": "classifier trained to outline each photo's subject; a real photo's edge length",
+    "noise": "blobs all over the frame; the worst case for edge work",
+}
+CACHE = Path.home() / ".cache" / "backdrop-bench"
+
+
+def bench_weights(model: str, masks: str, folder: Path) -> Path:
+    """Random-init weights for `model` giving `masks`; subject weights cached by the code
+    that trains them (a change to it trains them anew)."""
+    if masks == "noise":
+        return save_varying_weights(model, folder / f"{model}-noise.pth")
+    import tests.support.weights as support
+
+    source = Path(support.__file__).read_bytes() + torch.__version__.encode()
+    path = CACHE / f"{model}-subject-{hashlib.sha256(source).hexdigest()[:12]}.pth"
+    if not path.exists():
+        print(f"training {model}'s classifier to outline subjects (once; cached at {path})")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_subject_weights(model, partial)
+        partial.replace(path)
+    return path
 
 
 def short_side(size: int) -> Callable[[Image.Image], Image.Image]:
@@ -538,6 +572,12 @@ def main() -> None:
     parser.add_argument("--formats", default="png,jpeg", help="output formats, e.g. png,jpeg")
     parser.add_argument("--rounds", type=int, default=2, help="(b) and (c) rounds, alternated")
     parser.add_argument(
+        "--masks",
+        choices=("subject", "noise"),
+        default="subject",
+        help="random-init weights whose masks outline one subject, or blobs all over the frame",
+    )
+    parser.add_argument(
         "--memory-jobs",
         type=int,
         default=0,
@@ -554,7 +594,7 @@ def main() -> None:
     if args.input_size is None:
         at_tutorial = args.model in TUTORIAL_SIZE_MODELS
         args.input_size = round(args.tutorial_size * 4 / 3) if at_tutorial else 520
-    weights = args.weights or save_varying_weights(args.model, folder / f"{args.model}-random.pth")
+    weights = args.weights or bench_weights(args.model, args.masks, folder)
     photos = make_photos(args.photos)
     segmenter = Segmenter.load(
         args.model, weights=str(weights), device=device, input_size=args.input_size
@@ -564,13 +604,15 @@ def main() -> None:
         f"model: {args.model}, weights {segmenter.weights_id}; model input: worker long side "
         f"{args.input_size}, tutorial short side {args.tutorial_size}"
     )
+    if not args.weights:
+        print(f"masks: {args.masks} ({MASKS[args.masks]})")
     sizes_text = ", ".join(f"{w}x{h}" for w, h in SIZES)
     print(f"photos: {len(photos)} JPEGs at {sizes_text} in S3; max batch {args.max_batch}")
     print(f"(b) and (c) alternate over {args.rounds} rounds per format; figures are their means")
 
     batches = sorted({1, args.max_batch})
     model_rates = {b: model_only(segmenter, photos, b) for b in batches}
-    stages = stage_cpu(segmenter)
+    stages, band = stage_cpu(segmenter)
     del segmenter
     loop_model = load_model(args.model, weights).to(device).eval()
 
@@ -599,7 +641,7 @@ def main() -> None:
     finally:
         services.close()
     report(model_rates, loops, e2e, formats, args.max_batch)
-    report_targets(args.model, args.input_size, loops, e2e, formats, args.max_batch, stages)
+    report_targets(args.model, args.input_size, loops, e2e, formats, args.max_batch, stages, band)
     if memory:
         report_memory(memory, args.memory_jobs)
 
@@ -721,6 +763,7 @@ def report_targets(
     formats: list[str],
     max_batch: int,
     stages: dict[str, float],
+    band: float,
 ) -> None:
     """One labelled line per target: the ratio measured side by side in this run, of the
     rounds' means and of each side's best round (the least disturbed by other load: a loop
@@ -730,6 +773,7 @@ def report_targets(
     print(
         f"worker CPU per default job at {width}x{height}, one thread, ms (median): "
         + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stages.items())
+        + f"; edge band {band:.1%} of the photo"
     )
     for fmt in formats:
         codecs = stages["decode"] + stages["composite"] + stages[f"encode {fmt}"]
