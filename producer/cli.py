@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 from urllib.parse import unquote
@@ -43,6 +46,8 @@ from producer.settings import configure, get_settings
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+# How long one round of `--wait` polls before it checks for a Ctrl-C Python dropped.
+WAIT_ROUND_S = 2.0
 # After this long still queued, `submit --wait` says whether any worker is there to take it.
 NO_WORKER_WARNING_S = 5.0
 # The job fields commands set, as flags of the same names (a test holds `submit` to them all).
@@ -346,28 +351,62 @@ def _wait_for(client: Any, record: dict[str, Any], timeout: float) -> dict[str, 
     job_id = record["id"]
     started = time.monotonic()
     try:
-        click.echo(f"{job_id} {record['status']}: waiting (Ctrl-C stops waiting)", err=True)
-        try:
-            (record,) = client.wait([job_id], timeout=min(timeout, NO_WORKER_WARNING_S))
-            return record
-        except TimeoutError:
-            if client.get(job_id)["status"] == "queued":
-                click.echo(f"warning: {_no_worker_hint(client, record['queue'])}", err=True)
-        left = max(0.0, timeout - (time.monotonic() - started))
-        try:
-            (record,) = client.wait([job_id], timeout=left)
-        except TimeoutError:
-            status = client.get(job_id)["status"]
-            raise WaitTimedOut(
-                f"job {job_id} is still {status} after {timeout:.0f}s; it stays {status}: "
-                f"backdrop status {job_id}"
-            ) from None
-        return record
+        with _ctrl_c_noted() as noted:
+            click.echo(f"{job_id} {record['status']}: waiting (Ctrl-C stops waiting)", err=True)
+            try:
+                return _wait_one(client, job_id, min(timeout, NO_WORKER_WARNING_S), noted)
+            except TimeoutError:
+                if client.get(job_id)["status"] == "queued":
+                    click.echo(f"warning: {_no_worker_hint(client, record['queue'])}", err=True)
+            left = max(0.0, timeout - (time.monotonic() - started))
+            try:
+                return _wait_one(client, job_id, left, noted)
+            except TimeoutError:
+                status = client.get(job_id)["status"]
+                raise WaitTimedOut(
+                    f"job {job_id} is still {status} after {timeout:.0f}s; it stays {status}: "
+                    f"backdrop status {job_id}"
+                ) from None
     except KeyboardInterrupt:
         raise Interrupted(
             f"stopped waiting; job {job_id} goes on: backdrop status {job_id} "
             f"(or backdrop cancel {job_id})"
         ) from None
+
+
+@contextmanager
+def _ctrl_c_noted() -> Iterator[list[bool]]:
+    """Ctrl-C noted in a list as well as raised. Python only prints a KeyboardInterrupt that
+    lands in a finaliser or a callback (a database pool's, say) and goes on, and a wait that
+    missed it would go on for its whole timeout."""
+    noted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted  # signal handlers belong to the main thread
+        return
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait_one(client: Any, job_id: str, timeout: float, noted: list[bool]) -> dict[str, Any]:
+    """client.wait in rounds of WAIT_ROUND_S, stopping at the first round after a Ctrl-C."""
+    deadline = time.monotonic() + timeout
+    while not noted:
+        left = deadline - time.monotonic()
+        try:
+            (record,) = client.wait([job_id], timeout=max(0.0, min(WAIT_ROUND_S, left)))
+            return dict(record)
+        except TimeoutError:
+            if left <= WAIT_ROUND_S:
+                raise
+    raise KeyboardInterrupt
 
 
 def _no_worker_hint(client: Any, queue: str) -> str:

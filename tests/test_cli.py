@@ -487,3 +487,18 @@ def test_the_api_says_where_its_dashboard_is_and_how_to_add_a_token_without_prin
         " (add #token=YOUR_TOKEN, one of BACKDROP_API_TOKENS)"
     )
     assert token not in line + output + errors
+
+
+def test_a_ctrl_c_that_python_dropped_still_stops_the_wait() -> None:
+    from producer import cli
+
+    noted: list[bool] = []
+
+    class Client:
+        def wait(self, job_ids: list[str], *, timeout: float) -> list[dict[str, str]]:
+            # The handler ran, but its KeyboardInterrupt landed in a finaliser: only printed.
+            noted.append(True)
+            raise TimeoutError
+
+    with pytest.raises(KeyboardInterrupt):
+        cli._wait_one(Client(), "job", 3600.0, noted)
