@@ -8,7 +8,7 @@ import pytest
 import skimage.data
 
 from worker import refine
-from worker.matting import TorchBackend
+from worker.matting import NumpyBackend, TorchBackend
 from worker.refine import (
     checked,
     colour_evidence,
@@ -214,6 +214,31 @@ def test_a_small_subject_gets_the_alpha_the_whole_frame_computation_gives(
     whole = refine_mask(soft, guide, backend=backend).astype(np.int16)
     assert np.abs(tiled - whole).max() <= 1
     assert 0 < (tiled > 127).mean() < 0.2
+
+
+def working_scenes() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(channel-first working guide, working mask) for a subject in the frame's middle and one
+    cut by the frame's bottom edge."""
+    guide, _, soft = photo_composite(skimage.data.astronaut(), skimage.data.coffee(), 960, 720)
+    scenes = []
+    for soft_, guide_ in ((soft, guide), small_subject_scene()[::-1]):
+        mask, small = working_view(soft_, guide_)
+        scenes.append((np.ascontiguousarray(small.transpose(2, 0, 1)), mask))
+    return scenes
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend("cpu")], ids=["numpy", "torch"])
+def test_the_strip_solved_in_its_tiles_equals_the_strip_solved_in_its_bounding_box(
+    monkeypatch, backend
+) -> None:
+    for channels, mask in working_scenes():
+        tiled = refine.matte_strip(channels, mask, backend)
+        # One tile larger than the strip's bounding box: the box is solved instead.
+        monkeypatch.setattr(refine, "SOLVE_TILE", 4096)
+        boxed = refine.matte_strip(channels, mask, backend)
+        monkeypatch.undo()
+        assert np.abs(tiled - boxed).max() < 1e-3  # float32 rounding: 2e-4 at most seen
+        assert ((tiled > 0) & (tiled < 1)).sum() > 200  # a solved edge, not a step
 
 
 def test_refine_is_deterministic() -> None:

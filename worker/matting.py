@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from worker.tiling import Tiling
+
 Array = Any  # numpy.ndarray or torch.Tensor; the code below uses only what both provide
 
 
@@ -194,6 +196,8 @@ class Laplacian:
     def __call__(self, p: Array) -> Array:
         box, radius = self.backend.box_sum, self.radius
         a, b = self._fit(p)
+        if self.valid is not None:  # windows centred off the image are no windows at all
+            a, b = a * self.valid, b * self.valid
         return self.count * p - ((box(a, radius) * self.guide).sum(0) + box(b, radius))
 
     def linear_model(self, p: Array) -> Array:
@@ -235,41 +239,74 @@ def inverse3(cov: dict[tuple[int, int], Array]) -> list[Array]:
     return [c * inv_det for c in (c00, c01, c02, c11, c12, c22)]
 
 
+@dataclass(frozen=True)
+class Halos:
+    """How a mosaic of tiles (worker.tiling.Tiling) keeps its halos equal to the cores that
+    hold the same pixels, on the backend: what lets conjugate gradients run on the mosaic."""
+
+    index: Array  # (N·S, S) flat mosaic index of the core pixel each pixel copies
+    exists: Array  # 1.0 where a core holds the pixel, 0.0 where none does (the vector is 0)
+    core: Array  # 1.0 on core pixels: each pixel counted once in a dot product
+
+    @classmethod
+    def of(cls, tiling: Tiling, backend: Backend) -> Halos:
+        index, exists = tiling.owners()
+        return cls(
+            backend.asarray(index, np.int64),
+            backend.asarray(exists),
+            backend.asarray(tiling.core.astype(np.float32)),
+        )
+
+    def refresh(self, x: Array) -> Array:
+        return x.reshape(-1)[self.index].reshape(x.shape) * self.exists
+
+
 def solve(
     laplacian: Laplacian,
     known: Array,
     prior: Array,
     weight: float,
     iterations: int,
+    halos: Halos | None = None,
 ) -> Array:
     """argmin αᵀLα + weight·|α − prior|² over the pixels where known is 0; the rest keep prior.
 
     known is 1.0 on pixels whose alpha is given (prior holds their value), 0.0 elsewhere. The
     prior pulls the unknown pixels towards it where the colours say little (L is flat there),
     which is what keeps a matte sane where subject and background colours match.
+
+    With halos, the arrays are a mosaic of tiles whose cores hold every unknown pixel: each
+    product with L is exact on the cores and is copied into the halos, where the next product
+    reads it, and dot products count the cores only.
     """
     unknown = 1.0 - known
     fixed = known * prior
 
+    def refresh(x: Array) -> Array:
+        return x if halos is None else halos.refresh(x)
+
+    def dot(x: Array, y: Array) -> float:
+        return float((x * y).sum() if halos is None else (x * y * halos.core).sum())
+
     def operator(z: Array) -> Array:
-        return unknown * (laplacian(z) + weight * z)
+        return refresh(unknown * (laplacian(z) + weight * z))
 
     # Start from the prior: its residual is small wherever it already fits the colours.
     z = unknown * prior
-    residual = unknown * (weight * prior - laplacian(fixed)) - operator(z)
+    residual = refresh(unknown * (weight * prior - laplacian(fixed))) - operator(z)
     direction = residual
-    rr = float((residual * residual).sum())
+    rr = dot(residual, residual)
     for _ in range(iterations):
         if rr <= 1e-12:
             break
         ap = operator(direction)
-        curvature = float((direction * ap).sum())
+        curvature = dot(direction, ap)
         if curvature <= 0.0:  # rounding made L look indefinite: stop where we are
             break
         step = rr / curvature
         z = z + step * direction
         residual = residual - step * ap
-        rr_next = float((residual * residual).sum())
+        rr_next = dot(residual, residual)
         direction = residual + (rr_next / rr) * direction
         rr = rr_next
     return fixed + z
@@ -283,9 +320,12 @@ def solve_matte(
     eps: float,
     weight: float,
     iterations: int,
+    tiling: Tiling | None = None,
 ) -> np.ndarray:
-    """solve() for numpy inputs, run on the stats' backend and device; a numpy matte back."""
+    """solve() for numpy inputs, run on the stats' backend and device; a numpy matte back.
+    With tiling, the inputs are its mosaics (stats with its valid) and so is the matte."""
     backend = stats.backend
     laplacian = Laplacian.from_stats(stats, eps)
-    matte = solve(laplacian, backend.asarray(known), backend.asarray(prior), weight, iterations)
-    return backend.to_numpy(matte)
+    halos = None if tiling is None else Halos.of(tiling, backend)
+    known_, prior_ = backend.asarray(known), backend.asarray(prior)
+    return backend.to_numpy(solve(laplacian, known_, prior_, weight, iterations, halos))

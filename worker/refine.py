@@ -37,6 +37,7 @@ from worker.matting import (
     WindowStats,
     solve_matte,
 )
+from worker.tiling import Tiling
 
 WORKING_PIXELS = 300_000
 MASK_CELLS = 65  # DeepLabV3's logits along the long side: ceil(520 / 8)
@@ -75,8 +76,11 @@ THIN_SEED = 0.3
 NEED_OFFSET = 0.1
 NEED_RAMP = 0.1
 NEEDED_SEPARATION = 4.0
-# The matting solve: a strip STRIP_RADIUS working pixels either side of the edge.
+# The matting solve: a strip STRIP_RADIUS working pixels either side of the edge, solved in
+# the SOLVE_TILE tiles that hold it (a one-subject photo's strip is ~2% of the grid, its
+# bounding box nearer half).
 STRIP_RADIUS = 2
+SOLVE_TILE = 16
 # One window radius for the solve and the upsampling, so the guide's window statistics are
 # computed once for both.
 WINDOW_RADIUS = 1
@@ -289,18 +293,31 @@ def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np
     if not strip.any():
         return inside.astype(np.float32)
     prior = np.where(strip, alpha, inside).astype(np.float32)
-    # Solved in the strip's bounding box only, with a margin that makes it exact (see
-    # WindowStats.crop): a subject that fills a third of the frame costs a third.
     rows, cols = _bounding_box(strip, 2 * WINDOW_RADIUS + 1)
+    tiling = Tiling.covering(strip, SOLVE_TILE, 2 * WINDOW_RADIUS)
     matte = prior.copy()
-    matte[rows, cols] = solve_matte(
-        _window_stats(channels, rows, cols, backend),
-        (~strip[rows, cols]).astype(np.float32),
-        prior[rows, cols],
-        eps=MATTING_EPS,
-        weight=PRIOR_WEIGHT,
-        iterations=ITERATIONS,
-    )
+    if tiling.pixels < (rows.stop - rows.start) * (cols.stop - cols.start):
+        solved = solve_matte(
+            WindowStats.of(tiling.gather(channels), WINDOW_RADIUS, backend, valid=tiling.valid),
+            1.0 - tiling.gather(strip.astype(np.float32)),
+            tiling.gather(prior),
+            eps=MATTING_EPS,
+            weight=PRIOR_WEIGHT,
+            iterations=ITERATIONS,
+            tiling=tiling,
+        )
+        tiling.scatter(solved, matte)
+    else:
+        # Solved in the strip's bounding box only, with a margin that makes it exact (see
+        # WindowStats.crop): the strip's tiles would cover more (a mask of many small blobs).
+        matte[rows, cols] = solve_matte(
+            _window_stats(channels, rows, cols, backend),
+            (~strip[rows, cols]).astype(np.float32),
+            prior[rows, cols],
+            eps=MATTING_EPS,
+            weight=PRIOR_WEIGHT,
+            iterations=ITERATIONS,
+        )
     result: np.ndarray = np.clip((matte - 0.5) * STRIP_GAIN + 0.5, 0.0, 1.0).astype(np.float32)
     return result
 
@@ -337,64 +354,20 @@ def guided_model(
     """(h, w, 4): the guided filter's (a_r, a_g, a_b, b) of matte on the working guide,
     (0, 0, 0, matte) away from live pixels, fitted only in the tiles that hold live ones."""
     height, width = matte.shape
-    model = np.zeros((height, width, 4), np.float32)
-    model[:, :, 3] = matte
-    tiles = _live_tiles(live)
-    side = UPSAMPLE_TILE + 4 * WINDOW_RADIUS
-    if not tiles:
-        return model
-    if len(tiles) * side * side > UPSAMPLE_TILED_SHARE * height * width:
+    model = np.zeros((4, height, width), np.float32)
+    model[3] = matte
+    # Two window radii of halo: the model averages windows that average pixels.
+    tiling = Tiling.covering(live, UPSAMPLE_TILE, 2 * WINDOW_RADIUS)
+    if 0 < tiling.pixels <= UPSAMPLE_TILED_SHARE * height * width:
+        stats = WindowStats.of(tiling.gather(channels), WINDOW_RADIUS, backend, tiling.valid)
+        laplacian = Laplacian.from_stats(stats, UPSAMPLE_EPS)
+        fitted = laplacian.linear_model(backend.asarray(tiling.gather(matte)))
+        tiling.scatter(backend.to_numpy(fitted), model)
+    elif tiling.pixels:
         stats = WindowStats.of(channels, WINDOW_RADIUS, backend)
         fitted = Laplacian.from_stats(stats, UPSAMPLE_EPS).linear_model(backend.asarray(matte))
-        return np.ascontiguousarray(backend.to_numpy(fitted).transpose(1, 2, 0))
-    guide, p, valid = _mosaic(channels, matte, tiles)
-    stats = WindowStats.of(guide, WINDOW_RADIUS, backend, valid=valid)
-    laplacian = Laplacian.from_stats(stats, UPSAMPLE_EPS)
-    fitted = backend.to_numpy(laplacian.linear_model(backend.asarray(p)))
-    halo = 2 * WINDOW_RADIUS
-    for k, (top, left) in enumerate(tiles):
-        bottom, right = min(height, top + UPSAMPLE_TILE), min(width, left + UPSAMPLE_TILE)
-        row = k * side + halo
-        core = fitted[:, row : row + bottom - top, halo : halo + right - left]
-        model[top:bottom, left:right] = core.transpose(1, 2, 0)
-    return model
-
-
-def _live_tiles(live: np.ndarray) -> list[tuple[int, int]]:
-    """The (top, left) corners of the UPSAMPLE_TILE tiles that hold a live pixel."""
-    height, width = live.shape
-    tile = UPSAMPLE_TILE
-    across, down = -(-width // tile), -(-height // tile)
-    padded = np.zeros((down * tile, across * tile), bool)
-    padded[:height, :width] = live
-    hit = padded.reshape(down, tile, across, tile).any(axis=(1, 3))
-    return [(int(i) * tile, int(j) * tile) for i, j in zip(*np.nonzero(hit), strict=True)]
-
-
-def _mosaic(
-    channels: np.ndarray, matte: np.ndarray, tiles: list[tuple[int, int]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The tiles, each with a halo of two window radii (what makes its core's guided model
-    exact), stacked in a column: guide, matte and which pixels are the image's own."""
-    height, width = matte.shape
-    halo = 2 * WINDOW_RADIUS
-    side = UPSAMPLE_TILE + 2 * halo
-    guide = np.zeros((3, len(tiles) * side, side), np.float32)
-    p = np.zeros((len(tiles) * side, side), np.float32)
-    valid = np.zeros_like(p)
-    for k, (top, left) in enumerate(tiles):
-        rows = slice(max(0, top - halo), min(height, top + UPSAMPLE_TILE + halo))
-        cols = slice(max(0, left - halo), min(width, left + UPSAMPLE_TILE + halo))
-        row = k * side + halo - (top - rows.start)
-        col = halo - (left - cols.start)
-        into = (
-            slice(row, row + rows.stop - rows.start),
-            slice(col, col + cols.stop - cols.start),
-        )
-        guide[:, into[0], into[1]] = channels[:, rows, cols]
-        p[into] = matte[rows, cols]
-        valid[into] = 1.0
-    return guide, p, valid
+        model = backend.to_numpy(fitted)
+    return np.ascontiguousarray(model.transpose(1, 2, 0))
 
 
 def _bounding_box(where: np.ndarray, margin: int) -> tuple[slice, slice]:
