@@ -34,12 +34,16 @@ def test_a_mosaic_holds_each_tile_with_its_halo_and_zeros_past_the_edge() -> Non
     image = np.arange(70 * 90, dtype=np.float32).reshape(70, 90) + 1
     tiling = Tiling.covering(ring(), 16, 2)
     mosaic = tiling.gather(image)
-    side = 16 + 4
+    assert tiling.across > 1  # a grid of tiles, not one column
     for k, (top, left) in enumerate(tiling.corners):
-        tile = mosaic[k * side : (k + 1) * side]
-        padded = np.pad(image, 2)[top : top + side, left : left + side]
+        tile = mosaic[tiling.block(k)]
+        padded = np.pad(image, 2)[top : top + 20, left : left + 20]
         assert np.array_equal(tile[: padded.shape[0], : padded.shape[1]], padded)
         assert not tile[padded.shape[0] :].any() and not tile[:, padded.shape[1] :].any()
+    # Grid places past the last tile hold nothing.
+    assert np.count_nonzero(mosaic) == sum(
+        np.count_nonzero(mosaic[tiling.block(k)]) for k in range(len(tiling.corners))
+    )
 
 
 def test_scattering_a_mosaic_writes_only_the_cores_back() -> None:

@@ -244,7 +244,7 @@ class Halos:
     """How a mosaic of tiles (worker.tiling.Tiling) keeps its halos equal to the cores that
     hold the same pixels, on the backend: what lets conjugate gradients run on the mosaic."""
 
-    index: Array  # (N·S, S) flat mosaic index of the core pixel each pixel copies
+    index: Array  # the flat mosaic index of the core pixel each mosaic pixel copies
     exists: Array  # 1.0 where a core holds the pixel, 0.0 where none does (the vector is 0)
     core: Array  # 1.0 on core pixels: each pixel counted once in a dot product
 

@@ -1,4 +1,4 @@
-"""Square tiles of an image, each with a halo, stacked in one column (a mosaic).
+"""Square tiles of an image, each with a halo, laid side by side in one array (a mosaic).
 
 Work that a few regions of the working grid need (the matte's edge) runs on the mosaic of
 the tiles that hold them instead of on the whole grid. A tile's halo makes window filters
@@ -7,11 +7,15 @@ so a halo of k·r pixels holds all it reads. Past the image's edge the mosaic ho
 `valid` says so, as a box filter's zero border would.
 
 Tiles are cut at multiples of `tile` from the image's top left; a core is its tile less what
-lies past the image's edge, so the cores partition the covered pixels.
+lies past the image's edge, so the cores partition the covered pixels. The mosaic is a near
+square grid of tiles, not one column of them: OpenCV's filters pay per row, and a column of
+20-pixel rows made them cost five times as much per pixel. Grid places no tile fills hold
+zeros and are valid nowhere.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +27,10 @@ class Tiling:
     tile: int
     halo: int
     corners: np.ndarray  # (N, 2): each tile's (top, left)
-    source: np.ndarray  # (N·S, S) int64: each mosaic pixel's flat index in the image (0 past it)
-    valid: np.ndarray  # (N·S, S) float32: 1.0 on the image's own pixels
-    core: np.ndarray  # (N·S, S) bool: the tiles' own pixels (halos and past-the-edge excluded)
+    across: int  # tiles per row of the mosaic, whose side is S = tile + 2·halo
+    source: np.ndarray  # (rows·S, across·S) int64: each pixel's flat index in the image (0 past it)
+    valid: np.ndarray  # float32, as source: 1.0 on the image's own pixels
+    core: np.ndarray  # bool, as source: the tiles' own pixels (halos and past-the-edge excluded)
     core_at: np.ndarray  # the core pixels' flat indices in the mosaic
     core_source: np.ndarray  # ... and in the image
 
@@ -51,20 +56,30 @@ class Tiling:
         )
         own = (steps >= 0) & (steps < tile)
         core = inside & own[None, :, None] & own[None, None, :]
-        flat = (len(corners) * side, side)
-        source, core = source.reshape(flat).astype(np.int64), core.reshape(flat)
+        count = len(corners)
+        across = max(1, math.ceil(math.sqrt(count)))
+        source, inside, core = (
+            _grid(x, across) for x in (source.astype(np.int64), inside.astype(np.float32), core)
+        )
         core_at = np.flatnonzero(core)
         return cls(
             (height, width),
             tile,
             halo,
             corners,
+            across,
             source,
-            inside.reshape(flat).astype(np.float32),
+            inside,
             core,
             core_at,
             source.reshape(-1)[core_at],
         )
+
+    def block(self, k: int) -> tuple[slice, slice]:
+        """Where tile k (corners[k]), halo included, lies in the mosaic."""
+        side = self.tile + 2 * self.halo
+        row, col = divmod(k, self.across)
+        return slice(row * side, (row + 1) * side), slice(col * side, (col + 1) * side)
 
     @property
     def pixels(self) -> int:
@@ -72,14 +87,14 @@ class Tiling:
         return int(self.source.size)
 
     def gather(self, image: np.ndarray) -> np.ndarray:
-        """(..., H, W) -> (..., N·S, S): every tile with its halo, zero past the image's edge."""
+        """(..., H, W) -> the mosaic: every tile with its halo, zero past the image's edge."""
         flat = image.reshape(*image.shape[:-2], -1)
         mosaic: np.ndarray = np.take(flat, self.source, axis=-1)
         mosaic *= self.valid.astype(mosaic.dtype)
         return mosaic
 
     def scatter(self, mosaic: np.ndarray, into: np.ndarray) -> None:
-        """Writes each tile's core of mosaic (..., N·S, S) into its place in into (..., H, W)."""
+        """Writes each tile's core of a mosaic (...) into its place in into (..., H, W)."""
         flat = into.reshape(*into.shape[:-2], -1)
         flat[..., self.core_source] = mosaic.reshape(*mosaic.shape[:-2], -1)[..., self.core_at]
         if not np.shares_memory(flat, into):
@@ -94,3 +109,16 @@ class Tiling:
         index = np.where(self.valid > 0, index_of[self.source], -1)
         exists = (index >= 0).astype(np.float32)
         return np.maximum(index, 0), exists
+
+
+def _grid(tiles: np.ndarray, across: int) -> np.ndarray:
+    """(N, S, S) tiles as one (rows·S, across·S) array, row by row; zeros fill the last row."""
+    count, side = tiles.shape[:2]
+    rows = -(-count // across)
+    padded = np.zeros((rows * across, side, side), tiles.dtype)
+    padded[:count] = tiles
+    return (
+        padded.reshape(rows, across, side, side)
+        .transpose(0, 2, 1, 3)
+        .reshape(rows * side, across * side)
+    )
