@@ -294,30 +294,31 @@ def matte_strip(channels: np.ndarray, alpha: np.ndarray, backend: Backend) -> np
         return inside.astype(np.float32)
     prior = np.where(strip, alpha, inside).astype(np.float32)
     rows, cols = _bounding_box(strip, 2 * WINDOW_RADIUS + 1)
-    tiling = Tiling.covering(strip, SOLVE_TILE, 2 * WINDOW_RADIUS)
-    matte = prior.copy()
-    if tiling.pixels < (rows.stop - rows.start) * (cols.stop - cols.start):
-        solved = solve_matte(
-            WindowStats.of(tiling.gather(channels), WINDOW_RADIUS, backend, valid=tiling.valid),
-            1.0 - tiling.gather(strip.astype(np.float32)),
-            tiling.gather(prior),
-            eps=MATTING_EPS,
-            weight=PRIOR_WEIGHT,
-            iterations=ITERATIONS,
-            tiling=tiling,
-        )
-        tiling.scatter(solved, matte)
+    tiles = Tiling.covering(strip, SOLVE_TILE, 2 * WINDOW_RADIUS)
+    box_pixels = (rows.stop - rows.start) * (cols.stop - cols.start)
+    tiling = tiles if tiles.pixels < box_pixels else None
+    if tiling is not None:
+        stats = WindowStats.of(tiling.gather(channels), WINDOW_RADIUS, backend, tiling.valid)
+        known, given = 1.0 - tiling.gather(strip.astype(np.float32)), tiling.gather(prior)
     else:
-        # Solved in the strip's bounding box only, with a margin that makes it exact (see
-        # WindowStats.crop): the strip's tiles would cover more (a mask of many small blobs).
-        matte[rows, cols] = solve_matte(
-            _window_stats(channels, rows, cols, backend),
-            (~strip[rows, cols]).astype(np.float32),
-            prior[rows, cols],
-            eps=MATTING_EPS,
-            weight=PRIOR_WEIGHT,
-            iterations=ITERATIONS,
-        )
+        # The strip's bounding box, with a margin that makes it exact (see WindowStats.crop):
+        # the strip's tiles would cover more (a mask of many small blobs).
+        stats = _window_stats(channels, rows, cols, backend)
+        known, given = (~strip[rows, cols]).astype(np.float32), prior[rows, cols]
+    solved = solve_matte(
+        stats,
+        known,
+        given,
+        eps=MATTING_EPS,
+        weight=PRIOR_WEIGHT,
+        iterations=ITERATIONS,
+        tiling=tiling,
+    )
+    matte = prior.copy()
+    if tiling is None:
+        matte[rows, cols] = solved
+    else:
+        tiling.scatter(solved, matte)
     result: np.ndarray = np.clip((matte - 0.5) * STRIP_GAIN + 0.5, 0.0, 1.0).astype(np.float32)
     return result
 

@@ -94,11 +94,11 @@ class Tiling:
         return mosaic
 
     def scatter(self, mosaic: np.ndarray, into: np.ndarray) -> None:
-        """Writes each tile's core of a mosaic (...) into its place in into (..., H, W)."""
-        flat = into.reshape(*into.shape[:-2], -1)
+        """Writes each tile's core of a mosaic (...) into its place in into (..., H, W), which
+        must be contiguous (written through a flat view of it)."""
+        flat = into.view()
+        flat.shape = (*into.shape[:-2], -1)  # raises rather than writing into a copy
         flat[..., self.core_source] = mosaic.reshape(*mosaic.shape[:-2], -1)[..., self.core_at]
-        if not np.shares_memory(flat, into):
-            into[...] = flat.reshape(into.shape)
 
     def owners(self) -> tuple[np.ndarray, np.ndarray]:
         """For each mosaic pixel, the flat mosaic index of the core pixel that is the same image
