@@ -21,7 +21,6 @@ import argparse
 import io
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -36,16 +35,19 @@ from sqlalchemy import select, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.support.backfills import submitted
+from bench.support.figures import summary
 from producer import jobs
 from producer.backfill import BackfillRunner
 from producer.client import Client
 from producer.db import session_scope
-from producer.models import Backfill, Job
+from producer.models import Job
 from producer.services import Services
 from producer.settings import Settings
 from tests.support.polling import poll_until
 from tests.support.postgres import fresh_database
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
+from tests.support.weights import save_varying_mobilenet
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 
@@ -64,11 +66,6 @@ def upload(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
                 lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()
             )
         )
-
-
-def submitted(settings: Settings, backfill_id: str) -> int:
-    with session_scope(settings.database_url) as session:
-        return session.scalar(select(Backfill.submitted).where(Backfill.id == backfill_id)) or 0
 
 
 def submission_rate(engine: BackfillRunner, source: str, out: str, total: int, limit: int) -> float:
@@ -114,20 +111,6 @@ def latency_probes(client: Client, location: str, count: int) -> list[float]:
     return [(finished - created).total_seconds() for created, finished in rows]
 
 
-def summary(values: list[float]) -> str:
-    ordered = sorted(values)
-    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
-    median = statistics.median(ordered)
-    return f"p50 {median:.2f} s, p95 {p95:.2f} s, max {ordered[-1]:.2f} s (n={len(ordered)})"
-
-
-def write_weights(folder: Path) -> Path:
-    from tests.support.weights import save_varying_mobilenet
-
-    # Lively weights: masks vary with the photo, so refinement does its full work.
-    return save_varying_mobilenet(folder / "mobilenet-random.pth")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=5000)
@@ -153,7 +136,8 @@ def main() -> None:
                 "BACKDROP_OUTPUT_PREFIX": f"s3://{bucket}/interactive-out",
                 "BACKDROP_DATA_DIR": str(work / "data"),
                 "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
-                "BACKDROP_WEIGHTS": str(write_weights(work)),
+                # Lively weights: masks vary with the photo, so refinement does its full work.
+                "BACKDROP_WEIGHTS": str(save_varying_mobilenet(work / "mobilenet-random.pth")),
                 "BACKDROP_MODEL_INPUT_SIZE": "256",
                 "BACKDROP_DEVICE": "cpu",
             }

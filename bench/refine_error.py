@@ -16,7 +16,7 @@ Methods:
              cv2.resize (bilinear) to the photo.
   reference  free, no image work: the map upsampled bilinearly, then a 0.5 threshold with a
              linear ramp 4 px wide per 1,200 px of the photo's long side.
-  guided     the guided filter Backdrop shipped before (bench/guided_filter.py).
+  guided     the guided filter Backdrop shipped before (bench/support/guided_filter.py).
   ours       worker.refine.refine_mask.
 Alpha errors (SAD, MSE, gradient error: Gaussian-derivative gradients, sigma 1.4, as in
 Rhemann et al.'s alphamatting.com) are printed as ratios to the tutorial and to the reference.
@@ -48,7 +48,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.guided_filter import guided_filter_alpha
+from bench.support.guided_filter import guided_filter_alpha
 from worker.refine import refine_mask
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent

@@ -35,7 +35,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.interactive_latency import REDIS_URL, submitted, summary, write_weights
+from bench.support.backfills import submitted
+from bench.support.figures import summary
 from producer.api import create_app
 from producer.backfill import BackfillRunner
 from producer.services import Services
@@ -44,7 +45,10 @@ from tests.support.network import free_port
 from tests.support.polling import poll_until
 from tests.support.postgres import fresh_database
 from tests.support.services import S3_TEST_CREDENTIALS, MotoServer, WorkerProcess
+from tests.support.weights import save_varying_mobilenet
 
+# Its own DB: each bench flushes or empties the queues of its own.
+REDIS_URL = "redis://127.0.0.1:6379/11"
 TOKEN = "bench-upload-token-0123456789abcdef"
 
 
@@ -113,7 +117,8 @@ def main() -> None:
                 "BACKDROP_INPUT_PREFIX": f"s3://{bucket}/in",
                 "BACKDROP_DATA_DIR": str(work / "data"),
                 "BACKDROP_MODEL": "deeplabv3_mobilenet_v3_large",
-                "BACKDROP_WEIGHTS": str(write_weights(work)),
+                # Lively weights: masks vary with the photo, so refinement does its full work.
+                "BACKDROP_WEIGHTS": str(save_varying_mobilenet(work / "mobilenet-random.pth")),
                 "BACKDROP_MODEL_INPUT_SIZE": "256",
                 "BACKDROP_DEVICE": "cpu",
                 "BACKDROP_API_TOKENS": TOKEN,

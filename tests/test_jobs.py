@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import text
@@ -13,6 +15,9 @@ from producer.db import session_scope
 from producer.errors import InvalidRequest, InvalidTransition, JobNotFound, OutputExists
 from producer.models import Job, JobStatus
 from producer.request import JobRequest, parse_request
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 PREFIX = "s3://out/results"
 
@@ -443,16 +448,24 @@ def test_only_the_latest_run_of_an_output_can_be_retried(db_url: str) -> None:
         assert jobs.retry(session, later.id).status == "queued"
 
 
-def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> None:
-    from alembic import command
+def _alembic(url: str) -> Config:
     from alembic.config import Config
 
-    from producer.db import MIGRATIONS, get_engine
+    from producer.db import MIGRATIONS
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
+def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> None:
+    from alembic import command
+
+    from producer.db import get_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = _alembic(url)
     command.upgrade(config, "0003")
     with get_engine(url).begin() as connection:
         for job_id, status, mask in (("a", "succeeded", "s3://o/a-m.png"), ("b", "failed", None)):
@@ -467,6 +480,85 @@ def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> Non
     command.upgrade(config, "head")
     assert (_job(url, "a").owns_output, _job(url, "a").owns_mask) == (True, True)
     assert (_job(url, "b").owns_output, _job(url, "b").owns_mask) == (False, False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def blank_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of its own at the newest migration, for tests that migrate it."""
+    if request.param == "sqlite":
+        from producer.db import upgrade
+
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+        yield url
+        return
+    from tests.support.postgres import fresh_database, postgres_reachable
+    from tests.support.required import require_service
+
+    require_service("PostgreSQL", postgres_reachable(), "127.0.0.1:5432")
+    with fresh_database() as url:
+        yield url
+
+
+def test_downgrading_past_job_history_keeps_one_job_per_output(blank_db_url: str) -> None:
+    from alembic import command
+
+    from producer.db import get_engine
+
+    # Per output, in the order the downgrade keeps them: unfinished, owner, newest.
+    runs = {
+        "live": [("live-old", "succeeded", True, 1), ("live-now", "queued", False, 2)],
+        "owned": [("owner", "succeeded", True, 1), ("owned-later", "failed", False, 3)],
+        "newest": [("first", "failed", False, 1), ("second", "canceled", False, 4)],
+        "single": [("alone", "failed", False, 1)],
+    }
+    with get_engine(blank_db_url).begin() as connection:
+        for output, jobs_of_output in runs.items():
+            for job_id, status, owns, day in jobs_of_output:
+                connection.execute(
+                    text(
+                        "INSERT INTO jobs (id, status, queue, input, output, effect, params, "
+                        "attempts, created_at, owns_output) VALUES (:id, :status, 'bulk', "
+                        "'s3://i/x', :output, 'remove', '{}', 1, :created, :owns)"
+                    ),
+                    {
+                        "id": job_id,
+                        "status": status,
+                        "output": f"s3://o/{output}.png",
+                        "created": f"2026-01-0{day} 00:00:00+00:00",
+                        "owns": owns,
+                    },
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO callback_attempts (job_id, at, duration_ms) "
+                        "VALUES (:id, '2026-01-09 00:00:00+00:00', 1)"
+                    ),
+                    {"id": job_id},
+                )
+
+    config = _alembic(blank_db_url)
+    command.downgrade(config, "0005")
+
+    with get_engine(blank_db_url).begin() as connection:
+        kept = connection.execute(text("SELECT output, id FROM jobs ORDER BY output"))
+        attempts = connection.execute(text("SELECT job_id FROM callback_attempts ORDER BY job_id"))
+        assert dict(kept.all()) == {
+            "s3://o/live.png": "live-now",
+            "s3://o/newest.png": "second",
+            "s3://o/owned.png": "owner",
+            "s3://o/single.png": "alone",
+        }
+        assert attempts.scalars().all() == ["alone", "live-now", "owner", "second"]
+        with pytest.raises(IntegrityError):  # 0005's one job per output holds again
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, status, queue, input, output, effect, params, "
+                    "attempts, created_at) VALUES ('again', 'queued', 'bulk', 's3://i/x', "
+                    "'s3://o/single.png', 'remove', '{}', 0, '2026-01-05 00:00:00+00:00')"
+                )
+            )
+    command.upgrade(config, "head")
 
 
 # --- bulk creation -------------------------------------------------------------------------

@@ -3,14 +3,20 @@ running) job per output, instead of one job per output; a plain index on output 
 lookups. The fingerprint index goes: a backfill now compares a photo's fingerprint with the
 newest job of its output, found through the output.
 
-A downgrade restores one job per output, and so fails once an output has several runs.
+A downgrade restores one job per output, so it deletes the rest of each output's history (and
+their callback attempts), keeping per output the unfinished job if there is one, else the job
+that owns the object there, else the newest.
 
 Revision ID: 0006
 Revises: 0005
 """
 
+import logging
+
 import sqlalchemy as sa
 from alembic import op
+
+log = logging.getLogger("alembic.runtime.migration")
 
 revision = "0006"
 down_revision = "0005"
@@ -18,6 +24,18 @@ branch_labels = None
 depends_on = None
 
 UNFINISHED = sa.text("status IN ('queued', 'running')")
+# Jobs that are not the first of their output in the order of what to keep.
+SUPERSEDED = """
+    SELECT id FROM (
+        SELECT id, ROW_NUMBER() OVER (
+            PARTITION BY output
+            ORDER BY CASE WHEN status IN ('queued', 'running') THEN 0 ELSE 1 END,
+                     CASE WHEN owns_output THEN 0 ELSE 1 END,
+                     created_at DESC, id DESC
+        ) AS place
+        FROM jobs
+    ) AS ranked WHERE place > 1
+"""
 
 
 def upgrade() -> None:
@@ -35,6 +53,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    connection = op.get_bind()
+    connection.execute(sa.text(f"DELETE FROM callback_attempts WHERE job_id IN ({SUPERSEDED})"))
+    deleted = connection.execute(sa.text(f"DELETE FROM jobs WHERE id IN ({SUPERSEDED})"))
+    if deleted.rowcount:
+        log.warning(
+            "deleted %d earlier runs of outputs: 0005 keeps one job per output", deleted.rowcount
+        )
     op.drop_index("ux_jobs_output_unfinished", table_name="jobs")
     op.drop_index("ix_jobs_output", table_name="jobs")
     op.create_index("ix_jobs_fingerprint", "jobs", ["fingerprint"])
