@@ -46,6 +46,14 @@ Needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and moto (the dev ex
         [--max-batch N] [--rounds 2] [--input-size N] [--tutorial-size 520]
         [--formats png,jpeg] [--masks subject|noise] [--memory-jobs 0]
     .venv/bin/python bench/throughput.py --model deeplabv3_resnet101 --photos 6
+    .venv/bin/python bench/throughput.py --photos 32 --formats jpeg --rounds 8 \
+        --variant BACKDROP_TORCH_THREADS=1 [--variant-concurrency N]
+
+--variant NAME=VALUE (repeatable) or --variant-concurrency N runs (c) alone instead, a fresh
+worker per round alternating between the default and the variant (whose environment adds
+those settings, or whose Celery thread pool has N threads), two batches of the photos per
+round and format, and prints both rates and their ratio: a way to try a thread plan on this
+machine.
 
 The worker's model sees the photo's long side at --input-size; the tutorial's sees its short
 side at --tutorial-size. --input-size defaults to the worker's 520, except for ResNet-101,
@@ -384,10 +392,12 @@ class Services:
         self.folder = folder
         self.worker: WorkerProcess | None = None
 
-    def start_worker(self, max_batch: int) -> None:
+    def start_worker(
+        self, max_batch: int, env: dict[str, str] | None = None, concurrency: int | None = None
+    ) -> None:
         self.log = self.folder / f"worker-batch-{max_batch}.log"
-        env = {**self.env, "BACKDROP_MAX_BATCH": str(max_batch)}
-        self.worker = WorkerProcess(env, self.log, concurrency=None).start().wait_ready()
+        env = {**self.env, **(env or {}), "BACKDROP_MAX_BATCH": str(max_batch)}
+        self.worker = WorkerProcess(env, self.log, concurrency=concurrency).start().wait_ready()
 
     def stop_worker(self) -> None:
         if self.worker is not None:
@@ -517,6 +527,42 @@ def measure_end_to_end(
     return results
 
 
+def compare_variant(
+    services: Services,
+    photos: list[bytes],
+    variant: dict[str, str],
+    concurrency: int | None,
+    args: argparse.Namespace,
+) -> None:
+    """(c) alone: the default worker and the variant, a fresh worker each, alternated."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    sides = {"default": ({}, None), "variant": (variant, concurrency)}
+    for round_ in range(args.rounds):
+        for side in ("default", "variant") if round_ % 2 == 0 else ("variant", "default"):
+            env, threads = sides[side]
+            services.start_worker(args.max_batch, env, threads)
+            try:
+                for fmt in args.formats.split(","):
+                    services.run(services.upload(photos[:4]), fmt)  # warm-up
+                    for _ in range(2):
+                        result = EndToEnd(args.max_batch, fmt)
+                        result.measure(services, photos)
+                        rates.setdefault((side, fmt), []).append(result.rate)
+            finally:
+                services.stop_worker()
+        print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+    described = " ".join(f"{k}={v}" for k, v in variant.items())
+    if concurrency:
+        described += f" --concurrency {concurrency}"
+    print(f"variant: {described.strip()}; (c) images/s, each a batch of {len(photos)} photos")
+    for fmt in args.formats.split(","):
+        default, other = rates["default", fmt], rates["variant", fmt]
+        for side, values in (("default", default), ("variant", other)):
+            listed = ", ".join(f"{v:.2f}" for v in values)
+            print(f"{fmt} {side:8} mean {np.mean(values):.2f}  ({listed})")
+        print(f"{fmt} variant / default = {np.mean(other) / np.mean(default):.3f}")
+
+
 def measure_memory(services: Services, jobs: int, max_batch: int) -> dict[str, float]:
     """Worker RSS, peak and at the end, over the first 200 jobs and over the last 200 of
     `jobs` (small photos, so it runs in minutes). Peaks, sampled 5 times a second, are what
@@ -592,6 +638,18 @@ def main() -> None:
         default=0,
         help="also run N jobs and compare worker RSS after 200 and N",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="run (c) alone, alternating the default worker with one whose environment adds this",
+    )
+    parser.add_argument(
+        "--variant-concurrency",
+        type=int,
+        help="run (c) alone, alternating the default worker with one of N job threads",
+    )
     args = parser.parse_args()
     formats = args.formats.split(",")
     if not set(formats) <= {"png", "jpeg"}:
@@ -606,6 +664,14 @@ def main() -> None:
     args.masks = args.masks or DEFAULT_MASKS.get(args.model, "noise")
     weights = args.weights or bench_weights(args.model, args.masks, folder)
     photos = make_photos(args.photos)
+    if args.variant or args.variant_concurrency:
+        variant = dict(item.split("=", 1) for item in args.variant)
+        services = Services(weights, args.model, args.input_size, folder)
+        try:
+            compare_variant(services, photos, variant, args.variant_concurrency, args)
+        finally:
+            services.close()
+        return
     segmenter = Segmenter.load(
         args.model, weights=str(weights), device=device, input_size=args.input_size
     )
