@@ -46,7 +46,7 @@ Needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and moto (the dev ex
         [--max-batch N] [--rounds 2] [--input-size N] [--tutorial-size 520]
         [--formats png,jpeg] [--masks subject|noise] [--memory-jobs 0]
     .venv/bin/python bench/throughput.py --model deeplabv3_resnet101 --photos 6
-    .venv/bin/python bench/throughput.py --photos 32 --formats jpeg --rounds 8 \
+    .venv/bin/python bench/throughput.py --photos 32 --formats jpeg --rounds 4 \
         --variant BACKDROP_TORCH_THREADS=1 [--variant-concurrency N]
 
 --variant NAME=VALUE (repeatable) or --variant-concurrency N runs (c) alone instead, a fresh
