@@ -44,15 +44,19 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+def _migrated_sqlite(folder: Path) -> str:
+    from producer.db import upgrade
+
+    url = f"sqlite:///{folder / 'jobs.db'}"
+    upgrade(url)
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each job-store test runs on both databases; PostgreSQL tables are emptied per test."""
     if request.param == "sqlite":
-        from producer.db import upgrade
-
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-        yield url
+        yield _migrated_sqlite(tmp_path)
         return
     from sqlalchemy import text
 
@@ -66,6 +70,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield url
     with get_engine(url).begin() as connection:
         connection.execute(empty)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database of the test's own on each backend, for tests that migrate it."""
+    if request.param == "sqlite":
+        yield _migrated_sqlite(tmp_path)
+        return
+    require_service("PostgreSQL", postgres_reachable(), "127.0.0.1:5432")
+    with fresh_database() as url:
+        yield url
 
 
 # --- model weights -----------------------------------------------------------------

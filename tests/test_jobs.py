@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -482,25 +481,7 @@ def test_the_migration_gives_succeeded_jobs_their_outputs(tmp_path: Path) -> Non
     assert (_job(url, "b").owns_output, _job(url, "b").owns_mask) == (False, False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def blank_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own at the newest migration, for tests that migrate it."""
-    if request.param == "sqlite":
-        from producer.db import upgrade
-
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-        yield url
-        return
-    from tests.support.postgres import fresh_database, postgres_reachable
-    from tests.support.required import require_service
-
-    require_service("PostgreSQL", postgres_reachable(), "127.0.0.1:5432")
-    with fresh_database() as url:
-        yield url
-
-
-def test_downgrading_past_job_history_keeps_one_job_per_output(blank_db_url: str) -> None:
+def test_downgrading_past_job_history_keeps_one_job_per_output(own_db_url: str) -> None:
     from alembic import command
 
     from producer.db import get_engine
@@ -512,7 +493,7 @@ def test_downgrading_past_job_history_keeps_one_job_per_output(blank_db_url: str
         "newest": [("first", "failed", False, 1), ("second", "canceled", False, 4)],
         "single": [("alone", "failed", False, 1)],
     }
-    with get_engine(blank_db_url).begin() as connection:
+    with get_engine(own_db_url).begin() as connection:
         for output, jobs_of_output in runs.items():
             for job_id, status, owns, day in jobs_of_output:
                 connection.execute(
@@ -537,10 +518,10 @@ def test_downgrading_past_job_history_keeps_one_job_per_output(blank_db_url: str
                     {"id": job_id},
                 )
 
-    config = _alembic(blank_db_url)
+    config = _alembic(own_db_url)
     command.downgrade(config, "0005")
 
-    with get_engine(blank_db_url).begin() as connection:
+    with get_engine(own_db_url).begin() as connection:
         kept = connection.execute(text("SELECT output, id FROM jobs ORDER BY output"))
         attempts = connection.execute(text("SELECT job_id FROM callback_attempts ORDER BY job_id"))
         assert dict(kept.all()) == {

@@ -110,18 +110,12 @@ def refine_mask(
     backend runs the matting solve and the full-resolution pass (default: numpy and OpenCV on
     this CPU; worker.matting.TorchBackend(device) runs them on a torch device).
     """
-    height, width = guide.shape[:2]
-    if soft.ndim != 2 or guide.ndim != 3 or guide.shape[2] != 3:
-        raise ValueError(
-            f"expected (h, w) mask and (H, W, 3) guide, got {soft.shape}, {guide.shape}"
-        )
-    soft = np.ascontiguousarray(soft, dtype=np.float32)
-    low, high = float(soft.min()), float(soft.max())
-    if high - low < 1e-6:
-        return np.full((height, width), _to_byte(low), np.uint8)
-    work_w, work_h = working_size(width, height)
-    small_guide = _resize(guide, work_w, work_h).astype(np.float32) * (1 / 255)
-    mask = np.clip(_resize(soft, work_w, work_h), 0.0, 1.0)
+    soft = checked_mask(soft, guide)
+    uniform = uniform_alpha(soft, guide)
+    if uniform is not None:
+        return uniform
+    small_guide, mask = working_inputs(soft, guide)
+    mask = np.clip(mask, 0.0, 1.0)
     llr, separation = colour_evidence(small_guide, mask)
     moved = moved_mask(mask, llr)
     if moved is not mask:
@@ -141,9 +135,36 @@ def refine_mask(
     return _apply(model, guide, live)
 
 
-def working_size(width: int, height: int) -> tuple[int, int]:
-    """The (width, height) the matte is solved at: the photo's own, capped at WORKING_PIXELS."""
-    scale = min(1.0, (WORKING_PIXELS / (width * height)) ** 0.5)
+def checked_mask(soft: np.ndarray, guide: np.ndarray) -> np.ndarray:
+    """soft as contiguous float32, once the shapes are an (h, w) mask and an (H, W, 3) photo."""
+    if soft.ndim != 2 or guide.ndim != 3 or guide.shape[2] != 3:
+        raise ValueError(
+            f"expected (h, w) mask and (H, W, 3) guide, got {soft.shape}, {guide.shape}"
+        )
+    return np.ascontiguousarray(soft, dtype=np.float32)
+
+
+def uniform_alpha(soft: np.ndarray, guide: np.ndarray) -> np.ndarray | None:
+    """The photo-sized alpha of a mask with one value everywhere (no edge to refine), else None."""
+    low, high = float(soft.min()), float(soft.max())
+    if high - low >= 1e-6:
+        return None
+    return np.full(guide.shape[:2], _to_byte(low), np.uint8)
+
+
+def working_inputs(
+    soft: np.ndarray, guide: np.ndarray, pixels: int = WORKING_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The photo (float32, 0..1) and the mask, both at working_size (`pixels` at most)."""
+    height, width = guide.shape[:2]
+    work_w, work_h = working_size(width, height, pixels)
+    small_guide = _resize(guide, work_w, work_h).astype(np.float32) * (1 / 255)
+    return small_guide, _resize(soft, work_w, work_h)
+
+
+def working_size(width: int, height: int, pixels: int = WORKING_PIXELS) -> tuple[int, int]:
+    """The (width, height) the matte is solved at: the photo's own, capped at `pixels`."""
+    scale = min(1.0, (pixels / (width * height)) ** 0.5)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from worker.matting import inverse3
-from worker.refine import _resize, _to_byte
+from worker.refine import _resize, checked_mask, uniform_alpha, working_inputs
 
 # The fit is solved at most at this many pixels; larger photos use the upsampled solution.
 WORKING_PIXELS = 400000
@@ -32,31 +32,18 @@ EDGE_GAIN = 2.0
 
 def guided_filter_alpha(soft: np.ndarray, guide: np.ndarray) -> np.ndarray:
     """Full-resolution (H, W) uint8 alpha from a low-res [0, 1] mask and the (H, W, 3) photo."""
-    height, width = guide.shape[:2]
-    if soft.ndim != 2 or guide.ndim != 3 or guide.shape[2] != 3:
-        raise ValueError(
-            f"expected (h, w) mask and (H, W, 3) guide, got {soft.shape}, {guide.shape}"
-        )
-    soft = np.ascontiguousarray(soft, dtype=np.float32)
-    low, high = float(soft.min()), float(soft.max())
-    if high - low < 1e-6:
-        # A constant mask has no edge to refine; the filter would only add rounding noise.
-        return np.full((height, width), _to_byte(low), np.uint8)
-    work_w, work_h = working_size(width, height)
-    small_guide = _resize(guide, work_w, work_h).astype(np.float32) * (1 / 255)
-    small_mask = _resize(soft, work_w, work_h)
-    short_side = min(work_w, work_h)
+    soft = checked_mask(soft, guide)
+    # A constant mask has no edge to refine; the filter would only add rounding noise.
+    uniform = uniform_alpha(soft, guide)
+    if uniform is not None:
+        return uniform
+    small_guide, small_mask = working_inputs(soft, guide, WORKING_PIXELS)
+    short_side = min(small_mask.shape)
     coarse_radius = max(1, round(COARSE_RADIUS_FRACTION * short_side))
     fine_radius = max(1, round(FINE_RADIUS_FRACTION * short_side))
     coeffs = _guided_coefficients(small_guide, small_mask, coarse_radius, COARSE_EPS)
     steep = _steepen(_evaluate(coeffs, small_guide))
     return _apply(_guided_coefficients(small_guide, steep, fine_radius, FINE_EPS), guide)
-
-
-def working_size(width: int, height: int) -> tuple[int, int]:
-    """The (width, height) the fit is solved at: the photo's own, capped at WORKING_PIXELS."""
-    scale = min(1.0, (WORKING_PIXELS / (width * height)) ** 0.5)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _box(image: np.ndarray, radius: int) -> np.ndarray:

@@ -23,13 +23,14 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-UNFINISHED = sa.text("status IN ('queued', 'running')")
+UNFINISHED_SQL = "status IN ('queued', 'running')"
+UNFINISHED = sa.text(UNFINISHED_SQL)
 # Jobs that are not the first of their output in the order of what to keep.
-SUPERSEDED = """
+SUPERSEDED = f"""
     SELECT id FROM (
         SELECT id, ROW_NUMBER() OVER (
             PARTITION BY output
-            ORDER BY CASE WHEN status IN ('queued', 'running') THEN 0 ELSE 1 END,
+            ORDER BY CASE WHEN {UNFINISHED_SQL} THEN 0 ELSE 1 END,
                      CASE WHEN owns_output THEN 0 ELSE 1 END,
                      created_at DESC, id DESC
         ) AS place
