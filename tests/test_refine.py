@@ -284,3 +284,12 @@ def test_refine_accepts_a_mask_whose_aspect_is_a_pixel_off() -> None:
 def test_refine_rejects_a_guide_that_is_not_rgb() -> None:
     with pytest.raises(ValueError):
         refine_mask(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("origin", [(0, 0), (37, 500), (1136, 1536)], ids=str)
+def test_a_block_of_the_upsampled_model_matches_the_whole_planes_resize(origin) -> None:
+    coefficients = np.random.default_rng(4).random((474, 632, 4), dtype=np.float32)
+    whole = cv2.resize(coefficients, (1600, 1200), interpolation=cv2.INTER_LINEAR)
+    top, left = origin
+    block = refine._upsampled(coefficients, (1200, 1600), (64, 64), origin)
+    assert np.abs(block - whole[top : top + 64, left : left + 64]).max() < 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,14 @@ from torchvision.transforms.functional import normalize
 
 from producer.request import VOC_CLASSES
 from tests.support.weights import calibrate_on_noise
-from worker.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, fold_batchnorm
+from worker.segmenter import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Segmenter,
+    _shrink,
+    chosen_probability,
+    fold_batchnorm,
+)
 
 SIDE = 128
 PERSON = VOC_CLASSES.index("person")
@@ -255,3 +263,34 @@ def test_half_precision_as_on_a_gpu_gives_the_same_maps_to_within_fp16_rounding(
         # foreground they describe is the same.
         assert np.mean((rounded > 0.5) != (exact > 0.5)) < 0.01
         assert exact.std() > 0.05
+
+
+def test_the_chosen_probability_is_the_softmax_of_the_upsampled_logits_even_for_huge_ones() -> None:
+    # Logits far past float32's exp range (exp(90) overflows) in neighbouring cells.
+    logits = torch.randn(2, 21, 5, 7, generator=torch.Generator().manual_seed(1)) * 400
+    selection = torch.zeros(2, 21)
+    selection[0, PERSON] = 1
+    selection[1, [CAR, PERSON]] = 1
+    chosen = chosen_probability(logits, selection, (40, 56))
+    upsampled = torch.nn.functional.interpolate(
+        logits.double(), size=(40, 56), mode="bilinear", align_corners=False
+    )
+    expected = torch.einsum("nchw,nc->nhw", upsampled.softmax(dim=1), selection.double())
+    assert np.isfinite(chosen).all()
+    np.testing.assert_allclose(chosen, expected.numpy(), atol=1e-5)
+    assert 0.05 < (chosen > 0.5).mean() < 0.95  # both classes and the rest win somewhere
+
+
+def test_a_photo_is_shrunk_for_the_model_by_halving_first_to_nearly_a_direct_resize() -> None:
+    image = cv2.resize(photo(60, 80, seed=10), (1600, 1200), interpolation=cv2.INTER_CUBIC)
+    shrunk = _shrink(image, 520, 390)
+    direct = cv2.resize(image, (520, 390), interpolation=cv2.INTER_AREA)
+    assert shrunk.shape == direct.shape
+    assert np.abs(shrunk.astype(np.int16) - direct).mean() < 1.0
+    assert not np.array_equal(shrunk, direct)  # it did take the halving path
+
+
+def test_a_photo_with_an_odd_side_is_shrunk_directly() -> None:
+    image = photo(1201, 1600, seed=11)
+    direct = cv2.resize(image, (520, 390), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(_shrink(image, 520, 390), direct)
