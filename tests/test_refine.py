@@ -15,6 +15,7 @@ from worker.refine import (
     moved_mask,
     reference_alpha,
     refine_mask,
+    shifted,
     working_size,
 )
 
@@ -293,3 +294,13 @@ def test_a_block_of_the_upsampled_model_matches_the_whole_planes_resize(origin) 
     top, left = origin
     block = refine._upsampled(coefficients, (1200, 1600), (64, 64), origin)
     assert np.abs(block - whole[top : top + 64, left : left + 64]).max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("move", [(-7, 0), (3, -5), (0, 9), (-4, -4), (30, 2), (-2, -40)], ids=str)
+def test_a_shifted_mask_is_what_warp_affine_makes_of_it(move, dtype) -> None:
+    image = (np.random.default_rng(5).random((20, 24)) * 200).astype(dtype)
+    dx, dy = move
+    shift = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+    warped = cv2.warpAffine(image, shift, (24, 20), borderMode=cv2.BORDER_REPLICATE)
+    assert np.array_equal(shifted(image, dx, dy), warped)

@@ -169,8 +169,11 @@ class Laplacian:
     radius: int
     count: Array  # pixels in each window (fewer at the border)
     mean: Array  # (3, H, W) window colour means
-    inverse: list[Array]  # the 6 entries of each window's symmetric (Σ + εU)⁻¹
-    valid: Array | None = None  # as WindowStats.valid
+    # The 6 entries of each window's symmetric (Σ + εU)⁻¹ over its pixel count, and 1 over
+    # its pixel count: each fit then multiplies where it would divide. Both are 0 on windows
+    # centred off the image (see WindowStats.valid), which are no windows at all.
+    inverse: list[Array]
+    reciprocal: Array
 
     @classmethod
     def of(cls, guide: np.ndarray, radius: int, eps: float, backend: Backend) -> Laplacian:
@@ -181,48 +184,49 @@ class Laplacian:
         cov = dict(stats.cov)
         for i in range(3):
             cov[i, i] = cov[i, i] + eps
+        reciprocal = 1.0 / stats.count
+        if stats.valid is not None:
+            reciprocal = reciprocal * stats.valid
         single = stats.backend.single
-        inverse = [single(x) for x in inverse3(cov)]
         return cls(
             stats.backend,
             single(stats.guide),
             stats.radius,
             single(stats.count),
             single(stats.mean),
-            inverse,
-            None if stats.valid is None else single(stats.valid),
+            [single(x * reciprocal) for x in inverse3(cov)],
+            single(reciprocal),
         )
 
     def __call__(self, p: Array) -> Array:
         box, radius = self.backend.box_sum, self.radius
         a, b = self._fit(p)
-        if self.valid is not None:  # windows centred off the image are no windows at all
-            a, b = a * self.valid, b * self.valid
         return self.count * p - ((box(a, radius) * self.guide).sum(0) + box(b, radius))
 
     def linear_model(self, p: Array) -> Array:
         """(4, H, W): the window-averaged (a_r, a_g, a_b, b) with p ≈ a · I + b around each
         pixel, which is the guided filter's model of p (He, Sun & Tang, "Guided Image
-        Filtering"); evaluated on an upsampled guide it carries p to a higher resolution."""
+        Filtering"); evaluated on an upsampled guide it carries p to a higher resolution.
+        Off the image (see WindowStats.valid) it is 0."""
         box, radius = self.backend.box_sum, self.radius
         a, b = self._fit(p)
-        if self.valid is not None:  # windows centred off the image are no windows at all
-            a, b = a * self.valid, b * self.valid
-        a = box(a, radius) / self.count
-        return self.backend.stack([a[0], a[1], a[2], box(b, radius) / self.count])
+        a = box(a, radius) * self.reciprocal
+        return self.backend.stack([a[0], a[1], a[2], box(b, radius) * self.reciprocal])
 
     def _fit(self, p: Array) -> tuple[Array, Array]:
         """Each window's least-squares (a, b) for p ≈ a · I + b, regularised by eps."""
         box, radius = self.backend.box_sum, self.radius
-        mean_p = box(p, radius) / self.count
-        cov_ip = box(self.guide * p, radius) / self.count - self.mean * mean_p
+        sum_p = box(p, radius)
+        # The window's count times the covariance of the guide and p.
+        spread = box(self.guide * p, radius)
+        spread -= self.mean * sum_p
         i00, i01, i02, i11, i12, i22 = self.inverse
-        c0, c1, c2 = cov_ip[0], cov_ip[1], cov_ip[2]
+        c0, c1, c2 = spread[0], spread[1], spread[2]
         a = self.backend.stack(
             [i00 * c0 + i01 * c1 + i02 * c2, i01 * c0 + i11 * c1 + i12 * c2,
              i02 * c0 + i12 * c1 + i22 * c2]
         )  # fmt: skip
-        return a, mean_p - (a * self.mean).sum(0)
+        return a, sum_p * self.reciprocal - (a * self.mean).sum(0)
 
 
 def inverse3(cov: dict[tuple[int, int], Array]) -> list[Array]:

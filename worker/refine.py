@@ -116,11 +116,12 @@ def refine_mask(
         return uniform
     small_guide, mask = working_inputs(soft, guide)
     mask = np.clip(mask, 0.0, 1.0)
-    llr, separation = colour_evidence(small_guide, mask)
+    squares = _channel_sum(np.square(small_guide))
+    llr, separation = colour_evidence(small_guide, mask, squares)
     moved = moved_mask(mask, llr)
     if moved is not mask:
         mask = moved
-        llr, separation = colour_evidence(small_guide, mask)
+        llr, separation = colour_evidence(small_guide, mask, squares)
     reference = reference_alpha(mask)
     band = (mask > BAND_LOW) & (mask < BAND_HIGH)
     coloured = np.where(band, colour_alpha(llr, separation, mask, reference), reference)
@@ -178,16 +179,21 @@ def reference_alpha(mask: np.ndarray) -> np.ndarray:
     return result
 
 
-def colour_evidence(guide: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def colour_evidence(
+    guide: np.ndarray, mask: np.ndarray, squares: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: the log-likelihood ratio of its colour under the local subject and background
     models, and the two models' separation (squared distance of means over summed variances);
-    both 0 where either model has no pixels to learn from."""
+    both 0 where either model has no pixels to learn from. `squares`: the guide's sum of
+    squared channels per pixel, where the caller has it already."""
+    if squares is None:
+        squares = _channel_sum(np.square(guide))
     # Thin parts (bars, legs) never reach BAND_HIGH: their own upper half seeds them weakly.
     sure_fg = (mask >= BAND_HIGH) + THIN_SEED * np.clip((mask - 0.5) * 2, 0.0, 1.0)
     sure_fg = sure_fg.astype(np.float32)
     sure_bg = (mask <= BAND_LOW).astype(np.float32)
-    mean_f, var_f, seen_f = _local_model(guide, sure_fg)
-    mean_b, var_b, seen_b = _local_model(guide, sure_bg)
+    mean_f, var_f, seen_f = _local_model(guide, squares, sure_fg)
+    mean_b, var_b, seen_b = _local_model(guide, squares, sure_bg)
     dist_f = _channel_sum(np.square(guide - mean_f))
     dist_b = _channel_sum(np.square(guide - mean_b))
     # Isotropic Gaussians.
@@ -228,16 +234,22 @@ def _moves(shape: tuple[int, ...]) -> list[Callable[[np.ndarray], np.ndarray]]:
     for dx in (-step, 0, step):
         for dy in (-step, 0, step):
             if dx or dy:
-                shift = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
-                moves.append(
-                    partial(
-                        cv2.warpAffine,
-                        M=shift,
-                        dsize=(width, height),
-                        borderMode=cv2.BORDER_REPLICATE,
-                    )
-                )
+                moves.append(partial(shifted, dx=dx, dy=dy))
     return moves
+
+
+def shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """image moved by whole pixels (dx right, dy down), its edge rows and columns repeated
+    into the space it leaves, as warpAffine with BORDER_REPLICATE does: a crop and a border,
+    ~20x cheaper."""
+    height, width = image.shape[:2]
+    # Past width - 1 every column is already the edge one: a longer move changes nothing.
+    dx, dy = max(1 - width, min(width - 1, dx)), max(1 - height, min(height - 1, dy))
+    kept = image[max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)]
+    moved: np.ndarray = cv2.copyMakeBorder(
+        kept, max(0, dy), max(0, -dy), max(0, dx), max(0, -dx), cv2.BORDER_REPLICATE
+    )
+    return moved
 
 
 def _sum_where(x: np.ndarray, where: np.ndarray) -> float:
@@ -276,16 +288,16 @@ def _on_cells(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return cv2.resize(x, cells, interpolation=cv2.INTER_AREA)
 
 
-def _local_model(guide: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...]:
+def _local_model(
+    guide: np.ndarray, squares: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """Weighted local colour mean, isotropic variance and weight, on a coarse grid."""
     height, width = weight.shape
     scale = min(1.0, COLOUR_CELLS / max(height, width))
     cells = (max(1, round(width * scale)), max(1, round(height * scale)))
     seen = cv2.resize(weight, cells, interpolation=cv2.INTER_AREA)
     first = cv2.resize(guide * weight[:, :, None], cells, interpolation=cv2.INTER_AREA)
-    second = cv2.resize(
-        _channel_sum(np.square(guide)) * weight, cells, interpolation=cv2.INTER_AREA
-    )
+    second = cv2.resize(squares * weight, cells, interpolation=cv2.INTER_AREA)
     seen, first, second = (_spread(x) for x in (seen, first, second))
     mean = first / np.maximum(seen, 1e-6)[:, :, None]
     var = np.maximum(second / np.maximum(seen, 1e-6) - _channel_sum(np.square(mean)), 0) / 3
