@@ -1,8 +1,8 @@
 """CPU seconds per image for each DeepLabV3 variant, through Segmenter.predict.
 
 Random-init weights: speed does not depend on the values, and this runs offline. The time
-includes fitting a 1280x960 photo into its canvas (520x416 at the default input size) and the
-softmax, as a worker pays them. Beside it, the stock torchvision forward pass (plain NCHW
+includes fitting a 1280x960 photo into its canvas (520x416 at the default input size) and
+turning the logits into the chosen classes' probability, as a worker pays them. Beside it, the stock torchvision forward pass (plain NCHW
 layout, BatchNorm unfolded) on the same canvas shows what the segmenter's optimisations buy.
 
     .venv/bin/python bench/model_speed.py [--models deeplabv3_resnet50,...] [--repeats 3]
