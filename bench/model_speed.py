@@ -2,8 +2,9 @@
 
 Random-init weights: speed does not depend on the values, and this runs offline. The time
 includes fitting a 1280x960 photo into its canvas (520x416 at the default input size) and
-turning the logits into the chosen classes' probability, as a worker pays them. Beside it, the stock torchvision forward pass (plain NCHW
-layout, BatchNorm unfolded) on the same canvas shows what the segmenter's optimisations buy.
+turning the logits into the chosen classes' probability, as a worker pays them. Beside it, the
+stock torchvision forward pass (plain NCHW layout, BatchNorm unfolded) on the same canvas
+shows what the segmenter's optimisations buy.
 
     .venv/bin/python bench/model_speed.py [--models deeplabv3_resnet50,...] [--repeats 3]
         [--batch-sizes 1,4] [--input-size 520] [--device cpu|cuda]

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Jobs decoding, refining, compositing or encoding at once; None: one per core
     # (worker/threadplan.py).
     cpu_slots: int | None = Field(default=None, ge=1, le=512)
+    # Model calls a worker runs at once, each on torch_threads / model_lanes threads; None: 2
+    # for the ResNets on a CPU, else 1 (worker/threadplan.py).
+    model_lanes: int | None = Field(default=None, ge=1, le=64)
     max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     # The long side of the image the model sees, whatever the photo's aspect ratio, so a
     # photo's cost is bounded. (torchvision evaluated these weights with the SHORT side at

@@ -114,3 +114,32 @@ def test_a_model_that_cannot_load_fails_every_request_with_its_error() -> None:
     with pytest.raises(RuntimeError, match="weights missing"):
         _ = batcher.segmenter
     batcher.close()
+
+
+class MeetingSegmenter(RecordingSegmenter):
+    """Each call waits until `lanes` calls are inside the model at once (or times out)."""
+
+    def __init__(self, lanes: int) -> None:
+        super().__init__()
+        self.meeting = threading.Barrier(lanes, timeout=10)
+        self.met = 0
+
+    def predict(
+        self, images: Sequence[np.ndarray], classes: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        self.meeting.wait()
+        self.met += 1
+        return super().predict(images, classes)
+
+
+def test_with_two_lanes_two_batches_run_through_the_model_at_once() -> None:
+    fake = MeetingSegmenter(lanes=2)
+    batcher = Batcher(lambda: fake, max_batch=1, max_wait_ms=0, lanes=2)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.segment, _image(v), [1]) for v in range(4)]
+        results = [f.result(timeout=20) for f in futures]
+    assert [r[0, 0] for r in results] == [v + 1 for v in range(4)]
+    assert fake.met == 4  # with one lane the first call would wait at the barrier alone
+    batcher.close()
+    lanes = [t for t in threading.enumerate() if t.name.startswith("backdrop-batcher")]
+    assert not lanes  # close() stopped every lane

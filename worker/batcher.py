@@ -51,8 +51,12 @@ class Batcher:
         *,
         max_batch: int | None = None,
         max_wait_ms: int = 20,
+        lanes: int = 1,
     ) -> None:
+        """`lanes`: batches run through the model at once, each by its own thread (on a CPU,
+        two 1-thread calls can keep two cores busier than one 2-thread call)."""
         self._load = load
+        self._lanes = lanes
         self._max_batch = max_batch
         self._max_wait = max_wait_ms / 1000
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -83,7 +87,7 @@ class Batcher:
         return request.future.result()
 
     def close(self) -> None:
-        self._requests.put(None)
+        self._requests.put(None)  # each lane puts it back for the next (see _collect)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -97,6 +101,17 @@ class Batcher:
             self._load_error = exc
         finally:
             self._ready.set()
+        lanes = [
+            threading.Thread(target=self._serve_lane, name=f"backdrop-batcher-{lane}", daemon=True)
+            for lane in range(1, self._lanes)
+        ]
+        for lane in lanes:
+            lane.start()
+        self._serve_lane()
+        for lane in lanes:
+            lane.join()
+
+    def _serve_lane(self) -> None:
         while True:
             batch = self._collect()
             if batch is None:
@@ -106,6 +121,7 @@ class Batcher:
     def _collect(self) -> list[_Request] | None:
         first = self._requests.get()
         if first is None:
+            self._requests.put(None)  # for the other lanes
             return None
         batch = [first]
         limit = self._max_batch or 1  # None only when the model failed to load

@@ -124,10 +124,11 @@ def run_worker(
     preflight(settings)
     plan = plan_threads(settings, cores(), concurrency=concurrency)
     log.info(
-        "max batch %d, %d job threads, %d CPU slots, %d torch threads",
+        "max batch %d, %d job threads, %d CPU slots, %d model lanes of %d torch threads",
         plan.max_batch,
         plan.job_threads,
         plan.cpu_slots,
+        plan.model_lanes,
         plan.torch_threads,
     )
     tune_threads(plan)

@@ -66,6 +66,7 @@ def get_batcher() -> Batcher:
                 lambda: load_segmenter(settings, fetch=default_services().storage.download_file),
                 max_batch=settings.max_batch,
                 max_wait_ms=settings.max_wait_ms,
+                lanes=plan_threads(settings, cores()).model_lanes,
             )
         return _batcher
 
