@@ -45,8 +45,9 @@ ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 IO_THREADS_PER_CORE = 1
 MAX_BATCH_ON_GPU = 8
 MAX_BATCH_ON_CPU = 1
-# Models that get model lanes on a CPU by default, and how many at most (each holds its own
-# activations: ~0.5 GB for ResNet-101 at its 693-pixel input).
+# Models that get model lanes on a CPU by default, and how many at most: each lane holds its
+# own activations, and a ResNet's at output stride 8 are large, so a many-core host still
+# splits its threads between two calls rather than one per core.
 LANED_MODELS = frozenset({"deeplabv3_resnet50", "deeplabv3_resnet101"})
 DEFAULT_MODEL_LANES = 2
 
