@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from worker.imageio import image_size
 from worker.pipeline import Imaging, Inputs, Timings, named, store
 from worker.salient import SalientSegmenter
 from worker.segmenter import Segmenter, load_segmenter
-from worker.threadplan import CpuSlots, cores, plan_threads
+from worker.threadplan import CpuSlots, ThreadPlan, cores, plan_threads
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +57,12 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@functools.cache
+def _plan() -> ThreadPlan:
+    """The process's thread plan, made once (deciding the device may ask torch)."""
+    return plan_threads(default_services().settings, cores())
+
+
 def get_batcher() -> Batcher:
     """The process's one batcher; its thread builds the model on first use."""
     global _batcher
@@ -66,7 +73,7 @@ def get_batcher() -> Batcher:
                 lambda: load_segmenter(settings, fetch=default_services().storage.download_file),
                 max_batch=settings.max_batch,
                 max_wait_ms=settings.max_wait_ms,
-                lanes=plan_threads(settings, cores()).model_lanes,
+                lanes=_plan().model_lanes,
             )
         return _batcher
 
@@ -86,7 +93,7 @@ def get_cpu_slots() -> CpuSlots:
     global _cpu_slots
     with _batcher_lock:
         if _cpu_slots is None:
-            _cpu_slots = CpuSlots(plan_threads(default_services().settings, cores()).cpu_slots)
+            _cpu_slots = CpuSlots(_plan().cpu_slots)
         return _cpu_slots
 
 
